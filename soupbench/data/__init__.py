@@ -1,0 +1,88 @@
+"""Datasets as uint8 tensors at the model's input size, with explicit roles.
+
+Every loader returns a `DataBundle`: `train` (fine-tuning), `heldout` (all selection: greedy order,
+learned coefficients, best individual), `test` (in-distribution report) and `ood` (distribution shifts).
+Holding pre-decoded uint8 images makes repeated evaluation passes (greedy soup) free of JPEG decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Split:
+    """Images (N, 3, H, W) uint8 and labels (N,) int64.
+
+    `class_groups`, when set, maps each label k of this split to the model logits that stand for it
+    (ImageNet-R/A: one logit each out of 1000; ObjectNet: several, scored by their max).
+    """
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_groups: list[list[int]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(f"split {self.name}: images must be uint8 (N, 3, H, W), got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"split {self.name}: {len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None) -> Split:
+        return self if n is None or n >= len(self) else Split(self.name, self.images[:n], self.labels[:n],
+                                                                self.class_groups)
+
+
+@dataclass
+class DataBundle:
+    classes: list[str]
+    train: Split
+    heldout: Split
+    test: Split
+    ood: dict[str, Split] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def eval_splits(self) -> dict[str, Split]:
+        """Every split that gets an accuracy column, in report order."""
+        return {"heldout": self.heldout, "test": self.test, **self.ood}
+
+
+def to_uint8_rgb(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) float in [0, 255] or uint8, C in {1, 3} -> uint8 (N, 3, size, size), bilinear resize."""
+    x = images.float()
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def stratified_split(labels: torch.Tensor, fractions: dict[str, float], seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic per-class split of indices into named parts (fractions sum to 1): the same labels and
+    seed always give the same parts, and the parts are disjoint."""
+    gen = torch.Generator().manual_seed(seed)
+    names = list(fractions)
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    for c in labels.unique(sorted=True):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        bounds, acc = [], 0.0
+        for n in names:
+            acc += fractions[n]
+            bounds.append(round(acc * len(idx)))
+        start = 0
+        for n, end in zip(names, bounds, strict=True):
+            parts[n].append(idx[start:end])
+            start = end
+    return {n: torch.cat(p).sort().values for n, p in parts.items()}

@@ -1,0 +1,73 @@
+"""Image folders (`<root>/<class>/<image>`) decoded once to uint8 at the input size and cached on disk, so
+later runs and repeated evaluation passes never decode JPEGs again."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from soupbench.errors import DataError
+from soupbench.io import hash_settings, load_weights, save_weights
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Classes (sorted sub-folder names), image paths and labels of an ImageFolder tree."""
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
+    paths, labels = [], []
+    for k, c in enumerate(classes):
+        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"{root / c}: class folder holds no images")
+        paths += files
+        labels += [k] * len(files)
+    return classes, paths, labels
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            # resize the short side, then centre-crop: the usual evaluation transform
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from e
+
+
+def load_image_folder(root: str | os.PathLike, size: int, cache_dir: str | os.PathLike | None,
+                      classes: list[str] | None = None, workers: int = 4
+                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Decode a class-folder tree to (classes, uint8 images (N,3,size,size), labels), via the cache."""
+    root = Path(root).resolve()
+    found, paths, labels = list_image_folder(root)
+    if classes is not None and found != classes:
+        raise DataError(f"{root}: class folders {found} differ from the expected {classes}")
+    key = hash_settings({"root": str(root), "size": size,
+                         "files": [(str(p.relative_to(root)), p.stat().st_size) for p in paths]})
+    cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
+    if cache is not None and cache.is_file():
+        t = load_weights(cache, check_finite=False)
+        return found, t["images"], t["labels"]
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = list(pool.map(lambda p: _decode(p, size), paths))
+    images = torch.from_numpy(np.stack(arrays))
+    label_t = torch.tensor(labels, dtype=torch.int64)
+    if cache is not None:
+        save_weights(cache, {"images": images, "labels": label_t}, {"root": str(root), "size": size})
+    return found, images, label_t

@@ -1,0 +1,23 @@
+"""Any dataset laid out as `<root>/<split>/<class>/<image>`: train, held-out and test folders by name, and
+any number of OOD folders with the same classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from soupbench.data import DataBundle, Split
+from soupbench.data.folder import load_image_folder
+from soupbench.errors import DataError
+
+
+def load(root: str, image_size: int, train: str, heldout: str, test: str, ood: list[str],
+         cache_dir: str | None) -> DataBundle:
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise DataError(f"dataset.root: folder not found: {root_path}")
+    classes, splits = None, {}
+    for role, sub in {"train": train, "heldout": heldout, "test": test, **{o: o for o in ood}}.items():
+        classes, images, labels = load_image_folder(root_path / sub, image_size, cache_dir, classes)
+        splits[role] = Split(role, images, labels)
+    return DataBundle(classes, splits["train"], splits["heldout"], splits["test"],
+                      {o: splits[o] for o in ood})

@@ -1,0 +1,39 @@
+"""PACS (photo, art_painting, cartoon, sketch; 7 classes): fine-tune on the ID domains, each split
+deterministically into train / held-out / test, and evaluate OOD on the unseen domains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from soupbench.data import DataBundle, Split, stratified_split
+from soupbench.data.folder import load_image_folder
+from soupbench.errors import ConfigError, DataError
+
+DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
+
+
+def load(root: str, image_size: int, id_domains: list[str], ood_domains: list[str],
+         fractions: dict[str, float], split_seed: int, cache_dir: str | None) -> DataBundle:
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise DataError(f"dataset.root: PACS folder not found: {root_path} (set dataset.root=/path/to/pacs)")
+    if set(fractions) != {"train", "heldout", "test"} or abs(sum(fractions.values()) - 1) > 1e-6:
+        raise ConfigError(f"dataset.fractions must give train, heldout and test summing to 1, got {fractions}")
+    if not id_domains:
+        raise ConfigError("dataset.id_domains is empty")
+    if overlap := set(id_domains) & set(ood_domains):
+        raise ConfigError(f"dataset: domains {sorted(overlap)} are both ID and OOD")
+    classes: list[str] | None = None
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"train": [], "heldout": [], "test": []}
+    for i, domain in enumerate(id_domains):
+        classes, images, labels = load_image_folder(root_path / domain, image_size, cache_dir, classes)
+        for name, idx in stratified_split(labels, fractions, split_seed + i).items():
+            parts[name].append((images[idx], labels[idx]))
+    splits = {n: Split(n, torch.cat([p[0] for p in v]), torch.cat([p[1] for p in v])) for n, v in parts.items()}
+    ood = {}
+    for domain in ood_domains:
+        _, images, labels = load_image_folder(root_path / domain, image_size, cache_dir, classes)
+        ood[domain] = Split(domain, images, labels)
+    return DataBundle(classes, splits["train"], splits["heldout"], splits["test"], ood)

@@ -1,0 +1,94 @@
+"""The ingredient store: one directory of fine-tuned models from one shared start.
+
+Each ingredient is `<id>.safetensors` (weights) plus `<id>.json` (hyperparameters, seed, held-out accuracy,
+its own fingerprint and the fingerprint of the shared start weights). The JSON is written last and marks
+the ingredient as finished: a weights file without it is an interrupted run and is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from soupbench.errors import CheckpointError
+from soupbench.io import load_weights, read_json, save_weights, write_json
+
+
+@dataclass
+class Ingredient:
+    id: str
+    path: Path
+    meta: dict
+
+    @property
+    def heldout_acc(self) -> float:
+        return float(self.meta["heldout_acc"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def load(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return load_weights(self.path, device)
+
+
+def save_ingredient(directory: str | Path, ingredient_id: str, state: Mapping[str, torch.Tensor],
+                    meta: dict) -> Ingredient:
+    directory = Path(directory)
+    path = directory / f"{ingredient_id}.safetensors"
+    save_weights(path, state, {"id": ingredient_id, "base_fingerprint": meta.get("base_fingerprint", "")})
+    write_json(directory / f"{ingredient_id}.json", {"id": ingredient_id, **meta})
+    return Ingredient(ingredient_id, path, {"id": ingredient_id, **meta})
+
+
+def list_ingredients(directory: str | Path) -> list[Ingredient]:
+    """Finished ingredients in `directory`, sorted by id."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    out = []
+    for meta_path in sorted(directory.glob("*.json")):
+        meta = read_json(meta_path)
+        weights = meta_path.with_suffix(".safetensors")
+        if not weights.is_file():
+            raise CheckpointError(f"{meta_path}: its weights file {weights.name} is missing")
+        out.append(Ingredient(meta.get("id", meta_path.stem), weights, meta))
+    return out
+
+
+def sort_by_heldout(ingredients: list[Ingredient]) -> list[Ingredient]:
+    """Best held-out accuracy first; ties broken by id so the order is deterministic."""
+    return sorted(ingredients, key=lambda g: (-g.heldout_acc, g.id))
+
+
+def check_compatible(ingredients: list[Ingredient], reference: Mapping[str, torch.Tensor]) -> None:
+    """Every ingredient must share the reference's tensor names and shapes and the same start weights.
+
+    Reads only the safetensors headers, so checking 72 large checkpoints costs nothing."""
+    from safetensors import safe_open
+
+    if not ingredients:
+        raise CheckpointError("no finished ingredients to soup: run the finetune stage first")
+    ref_shapes = {k: tuple(v.shape) for k, v in reference.items()}
+    bases = {}
+    for g in ingredients:
+        try:
+            with safe_open(str(g.path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for a damaged header
+            raise CheckpointError(f"{g.path}: cannot read safetensors header (truncated or corrupt?): {e}") from e
+        if set(shapes) != set(ref_shapes):
+            extra, missing = set(shapes) - set(ref_shapes), set(ref_shapes) - set(shapes)
+            raise CheckpointError(f"{g.path}: not the same architecture as the backbone "
+                                  f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+        for k, s in shapes.items():
+            if s != ref_shapes[k]:
+                raise CheckpointError(f"{g.path}: tensor '{k}' has shape {s}, expected {ref_shapes[k]}")
+        bases.setdefault(g.meta.get("base_fingerprint"), []).append(g.id)
+    if len(bases) > 1:
+        detail = "; ".join(f"{b}: {ids[:3]}" for b, ids in bases.items())
+        raise CheckpointError(f"ingredients start from different weights ({detail}): soups need one shared "
+                              "start; use a separate ingredient directory per start")

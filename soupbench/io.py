@@ -1,0 +1,96 @@
+"""Artefact I/O: every file soupbench writes appears atomically (temp file + rename), so a killed run never
+leaves a half-written file that a rerun would trust. Weights are safetensors only (no pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from soupbench.errors import CheckpointError
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it over `path`, on failure remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); delete it to recompute") from e
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Save a state dict as safetensors, atomically. Metadata values are stored as strings."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=meta)
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", check_finite: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """Load a safetensors state dict; a missing, truncated or corrupt file or NaN/Inf weights raise
+    CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found")
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    if check_finite:
+        for k, v in tensors.items():
+            if v.is_floating_point() and not torch.isfinite(v).all():
+                raise CheckpointError(f"{path}: tensor '{k}' holds NaN or Inf values")
+    return tensors
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes and bytes): identical weights, identical print."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def hash_settings(obj: Any) -> str:
+    """Stable short hash of JSON-able settings (used to decide whether an artefact can be reused)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:12]

@@ -1,0 +1,247 @@
+"""The stages: base (linear probe) -> finetune -> soup -> evaluate -> report. Each stage writes its
+artefacts under the run directory and a rerun with the same config reuses whatever finished."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from soupbench import report, tracking
+from soupbench.backbones import Classifier
+from soupbench.data import DataBundle
+from soupbench.errors import ConfigError
+from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
+from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
+from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient
+from soupbench.io import fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.soups import SoupContext, SoupResult
+
+log = logging.getLogger("soupbench")
+STAGES = ("finetune", "soup", "evaluate", "report")
+
+
+def container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+class Run:
+    """State shared by the stages of one invocation: config, data, model, evaluator, tracker."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        unknown = [s for s in cfg.stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
+        if cfg.num_threads:
+            torch.set_num_threads(int(cfg.num_threads))
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.run_dir = Path(cfg.paths.run_dir)
+        self.ingredient_dir = Path(cfg.ingredients.dir)
+        self.progress = bool(cfg.progress)
+        self.data: DataBundle = instantiate(cfg.dataset)
+        self.model: Classifier = instantiate(cfg.backbone, num_classes=self.data.num_classes).to(self.device)
+        self.data_key = hash_settings(container(cfg.dataset))
+        self.evaluator = Evaluator(self.model, self.data, self.run_dir / "logits", self.data_key,
+                                   cfg.eval.batch_size, self.device, self.progress)
+        self.base: dict[str, torch.Tensor] = {}
+        self.base_fp = ""
+
+    # ------------------------------------------------------------------------------------------ base (LP)
+    def prepare_base(self) -> None:
+        """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings."""
+        cfg = self.cfg
+        settings = {"backbone": container(cfg.backbone), "data": self.data_key,
+                    "linear_probe": container(cfg.finetune.linear_probe)}
+        path, meta_path = self.run_dir / "base" / "lp.safetensors", self.run_dir / "base" / "lp.json"
+        if meta_path.is_file() and read_json(meta_path).get("settings_hash") == hash_settings(settings):
+            self.base = load_weights(path)
+            self.model.load_state_dict(self.base)
+            self.base_fp = read_json(meta_path)["fingerprint"]
+            log.info("linear probe: reusing %s", path)
+            return
+        t0 = time.perf_counter()
+        lp = cfg.finetune.linear_probe
+        stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
+                             self.device, self.progress)
+        self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        self.base_fp = fingerprint(self.base)
+        heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
+        save_weights(path, self.base, {"fingerprint": self.base_fp})
+        write_json(meta_path, {"settings_hash": hash_settings(settings), "fingerprint": self.base_fp,
+                               "heldout_acc": heldout, "time_s": time.perf_counter() - t0, **stats,
+                               "settings": settings})
+        log.info("linear probe: held-out %.2f%% (%.1fs)", heldout, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------------------------------ finetune
+    def planned_ingredients(self) -> list[tuple[str, dict, int]]:
+        ft = self.cfg.finetune
+        configs = hyperparameter_configs(ft.search, container(ft.space), ft.num_ingredients, ft.search_seed)
+        fixed = {k: container(ft[k]) for k in ("batch_size", "warmup_frac", "max_grad_norm", "freeze_bn",
+                                               "max_train_images")}
+        return [(ingredient_id(i, hp, self.cfg.seed + i, fixed), hp, self.cfg.seed + i)
+                for i, hp in enumerate(configs)]
+
+    def finetune_stage(self, tracker: tracking.Tracker) -> None:
+        ft = self.cfg.finetune
+        plan = self.planned_ingredients()
+        if ft.index is not None:
+            if not 0 <= ft.index < len(plan):
+                raise ConfigError(f"finetune.index={ft.index}: only {len(plan)} ingredients are defined")
+            plan = [plan[ft.index]]
+        train = self.data.train.subset(ft.max_train_images)
+        rows = []
+        for n, (gid, hp, seed) in enumerate(plan):
+            meta_path = self.ingredient_dir / f"{gid}.json"
+            if meta_path.is_file() and read_json(meta_path).get("base_fingerprint") == self.base_fp:
+                meta = read_json(meta_path)
+                log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
+            else:
+                t0 = time.perf_counter()
+                stats = finetune(self.model, self.base, train, hp, seed, ft.batch_size, ft.warmup_frac,
+                                 ft.max_grad_norm, ft.freeze_bn, self.device, self.progress,
+                                 desc=f"ingredient {n + 1}/{len(plan)}")
+                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                fp = fingerprint(state)
+                meta = {"hyperparameters": hp, "seed": seed, "fingerprint": fp, "base_fingerprint": self.base_fp,
+                        "heldout_acc": self.evaluator.accuracy(state, "heldout", fp),
+                        "train_time_s": time.perf_counter() - t0, "num_train_images": len(train), **stats}
+                save_ingredient(self.ingredient_dir, gid, state, meta)
+                log.info("ingredient %s: held-out %.2f%% in %.1fs  %s", gid, meta["heldout_acc"],
+                         meta["train_time_s"], hp)
+            rows.append([gid, meta["heldout_acc"], *[hp[k] for k in sorted(hp)]])
+        if rows:
+            tracker.log_table("ingredients", ["id", "heldout_acc", *sorted(plan[0][1])], rows)
+
+    def selected_ingredients(self) -> list[Ingredient]:
+        found = {g.id: g for g in list_ingredients(self.ingredient_dir)}
+        select = self.cfg.ingredients.select
+        if select == "all":
+            chosen = list(found.values())
+        elif select == "config":
+            ids = [gid for gid, _, _ in self.planned_ingredients()]
+            missing = [gid for gid in ids if gid not in found]
+            if missing:
+                raise ConfigError(f"{len(missing)} of {len(ids)} ingredients are not finished in "
+                                  f"{self.ingredient_dir} (e.g. {missing[:3]}): run the finetune stage "
+                                  "first, or set ingredients.select=all")
+            chosen = [found[gid] for gid in ids]
+        else:
+            raise ConfigError(f"ingredients.select={select!r}: expected config or all")
+        check_compatible(chosen, self.base)
+        return chosen
+
+    # ------------------------------------------------------------------------------------------ soups
+    def ingredient_logits(self, g: Ingredient, split: str) -> torch.Tensor:
+        cached = self.evaluator.cached_logits(g.fingerprint, split)
+        return cached if cached is not None else self.evaluator.logits(g.load(), split, g.fingerprint)
+
+    def soup_stage(self, ingredients: list[Ingredient]) -> None:
+        for name, scfg in self.cfg.soup.items():
+            settings = container(scfg)
+            key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
+                                 "base": self.base_fp, "data": self.data_key})
+            meta_path = self.run_dir / "soups" / f"{name}.json"
+            if meta_path.is_file() and read_json(meta_path).get("settings_hash") == key:
+                log.info("soup %s: reusing %s", name, meta_path)
+                continue
+            build = instantiate(scfg)
+            ctx = SoupContext(
+                ingredients=ingredients, base=self.base, heldout=self.data.heldout, train=self.data.train,
+                model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
+                heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
+                ingredient_logits=self.ingredient_logits, progress=self.progress)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            t0 = time.perf_counter()
+            result: SoupResult = build(ctx)
+            elapsed = time.perf_counter() - t0
+            meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
+                    "members": result.members, "member_weights": result.member_weights,
+                    "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
+            if result.state is not None:
+                meta["fingerprint"] = fingerprint(result.state)
+                save_weights(self.run_dir / "soups" / f"{name}.safetensors", result.state,
+                             {"method": name, "members": ",".join(result.members)})
+            write_json(meta_path, meta)
+            log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
+
+    # ------------------------------------------------------------------------------------------ evaluate
+    def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:
+        splits = self.evaluator.splits
+        by_id = {g.id: g for g in ingredients}
+        ing_results = {}
+        for g in ingredients:
+            accs = {s: accuracy(self.ingredient_logits(g, s), split) for s, split in splits.items()}
+            ing_results[g.id] = {**accs, "ood_avg": ood_average(accs, self.data), "hyperparameters":
+                                 g.meta.get("hyperparameters", {})}
+        methods = {}
+        for name in self.cfg.soup:
+            meta_path = self.run_dir / "soups" / f"{name}.json"
+            if not meta_path.is_file():
+                raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
+            meta = read_json(meta_path)
+            if meta["kind"] == "weights":
+                state = None
+                accs = {}
+                for s, split in splits.items():
+                    logits = self.evaluator.cached_logits(meta["fingerprint"], s)
+                    if logits is None:
+                        state = state or load_weights(self.run_dir / "soups" / f"{name}.safetensors")
+                        logits = self.evaluator.logits(state, s, meta["fingerprint"])
+                    accs[s] = accuracy(logits, split)
+            else:
+                members = [by_id[m] for m in meta["members"]]
+                accs = {s: accuracy(ensemble_logits([self.ingredient_logits(g, s) for g in members]), split)
+                        for s, split in splits.items()}
+            methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
+                             "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],
+                             "peak_mem_mb": meta.get("peak_mem_mb")}
+        results = {"name": self.cfg.name, "splits": {s: len(v) for s, v in splits.items()},
+                   "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
+                   "base_fingerprint": self.base_fp, "config": container(self.cfg)}
+        write_json(self.run_dir / "results.json", results)
+        return results
+
+
+def ood_average(accs: dict[str, float], data: DataBundle) -> float | None:
+    vals = [accs[s] for s in data.ood if s in accs]
+    return sum(vals) / len(vals) if vals else None
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """GPU: peak allocated during the soup; CPU: the process's resident high-water mark (whole run)."""
+    if device.type == "cuda":
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_mem_kind": "gpu"}
+    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_mem_kind": "host_rss"}
+
+
+def run(cfg: DictConfig) -> dict | None:
+    """Compose -> stages -> report. Returns the results dict when the evaluate stage ran."""
+    run_ = Run(cfg)
+    tracker = tracking.start(cfg, cfg.name)
+    try:
+        run_.prepare_base()
+        if "finetune" in cfg.stages:
+            run_.finetune_stage(tracker)
+        results = None
+        needs_soup = any(s in cfg.stages for s in ("soup", "evaluate", "report"))
+        ingredients = run_.selected_ingredients() if needs_soup else []
+        if "soup" in cfg.stages:
+            run_.soup_stage(ingredients)
+        if "evaluate" in cfg.stages:
+            results = run_.evaluate_stage(ingredients)
+        if "report" in cfg.stages:
+            results = results or read_json(run_.run_dir / "results.json")
+            report.report(results, run_.run_dir, tracker)
+        tracker.finish(0)
+        return results
+    except BaseException:
+        tracker.finish(1)
+        raise

@@ -1,0 +1,41 @@
+"""The final report: the results table printed and logged, results.json beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from soupbench.tracking import Tracker
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list]]:
+    splits = list(results["splits"])
+    columns = ["method", "members", *splits, *(["ood_avg"] if results["ood_splits"] else []), "soup_s"]
+    rows = []
+    for name, m in results["methods"].items():
+        rows.append([name, m["members"], *[m[s] for s in splits],
+                     *([m["ood_avg"]] if results["ood_splits"] else []), m["soup_time_s"]])
+    return columns, rows
+
+
+def format_table(results: dict) -> str:
+    columns, rows = table_rows(results)
+    cells = [[c if isinstance(c, str) else (f"{c:.2f}" if isinstance(c, float) else str(c)) for c in r]
+             for r in rows]
+    widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) for i in range(len(columns))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    sizes = ", ".join(f"{k}={v}" for k, v in results["splits"].items())
+    lines = [f"soupbench results: {results['name']}  (top-1 %, images: {sizes})", fmt(columns),
+             fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)]
+    return "\n".join(lines)
+
+
+def report(results: dict, run_dir: Path, tracker: Tracker) -> str:
+    text = format_table(results)
+    print(text, flush=True)
+    (run_dir / "results.txt").write_text(text + "\n")
+    columns, rows = table_rows(results)
+    tracker.log_table("results", columns, rows)
+    tracker.log_metrics({f"{name}/{k}": v for name, m in results["methods"].items() for k, v in m.items()
+                         if isinstance(v, int | float)})
+    print(f"results: {run_dir / 'results.json'}")
+    return text

@@ -1,0 +1,78 @@
+"""Soup methods, one file each. A method is a plain function `build(ctx, **settings) -> SoupResult`,
+selected by its config's `_target_` under `conf/soup/`.
+
+- best_individual.py  the ingredient with the best held-out accuracy
+- uniform.py          mean of all ingredients
+- greedy.py           greedy soup (held-out order, keep an ingredient if held-out accuracy does not drop)
+- learned.py          learned, learned+, HL-Soup(+), MEHL-Soup(+): one coefficient-learning engine
+- ensemble.py         output ensemble and greedy ensemble (K forward passes at inference)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from soupbench.data import Split
+from soupbench.ingredients import Ingredient
+
+
+@dataclass
+class SoupContext:
+    """What every soup method may use. Selection uses only the held-out split."""
+
+    ingredients: list[Ingredient]
+    base: dict[str, torch.Tensor]          # the shared start (LP weights), CPU
+    heldout: Split
+    train: Split                            # for BatchNorm re-estimation only
+    model: torch.nn.Module                 # template network, on `device`
+    device: torch.device
+    work_dir: Path                          # resumable state of this soup
+    heldout_accuracy: Callable[[Mapping[str, torch.Tensor]], float]   # uncached, for one-off candidates
+    ingredient_logits: Callable[[Ingredient, str], torch.Tensor]       # cached held-out logits
+    progress: bool = False
+
+
+@dataclass
+class SoupResult:
+    """`state` holds the soup's weights; an output ensemble has none and is evaluated from its members'
+    logits (weighted by `member_weights`)."""
+
+    members: list[str]
+    state: dict[str, torch.Tensor] | None
+    info: dict = field(default_factory=dict)
+    member_weights: list[float] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "weights" if self.state is not None else "ensemble"
+
+
+def is_averaged(t: torch.Tensor) -> bool:
+    """Only floating-point tensors are averaged; integer buffers (BN's num_batches_tracked) stay as they are."""
+    return t.is_floating_point()
+
+
+def average(ingredients: list[Ingredient], weights: list[float] | None = None,
+            device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Weighted mean of the ingredients' state dicts, streamed: one ingredient in memory at a time,
+    accumulated in float64 (then cast back) so the order of summation does not matter."""
+    if weights is None:
+        weights = [1.0 / len(ingredients)] * len(ingredients)
+    acc: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+    for g, w in zip(ingredients, weights, strict=True):
+        state = g.load(device)
+        for k, v in state.items():
+            if not is_averaged(v):
+                first.setdefault(k, v)
+                continue
+            if k in acc:
+                acc[k].add_(v.double(), alpha=w)
+            else:
+                acc[k] = v.double() * w
+                first[k] = v
+    return {k: (acc[k].to(first[k].dtype) if k in acc else first[k]) for k in first}

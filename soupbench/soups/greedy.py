@@ -1,0 +1,49 @@
+"""Greedy soup (Wortsman et al. 2022, Recipe 1): sort by held-out accuracy; start from the best; try each
+next ingredient in order and keep it if the soup's held-out accuracy does not drop.
+
+The paper accepts on `>=`, the official code on `>`: `accept` chooses."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from soupbench.errors import ConfigError
+from soupbench.ingredients import sort_by_heldout
+from soupbench.soups import SoupContext, SoupResult, is_averaged
+
+
+def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:
+    if accept not in (">=", ">"):
+        raise ConfigError(f"soup.greedy.accept={accept!r}: expected '>=' or '>'")
+    order = sort_by_heldout(ctx.ingredients)
+    first = order[0]
+    # running float sum of the kept ingredients; the soup is sum / n
+    first_state = first.load(ctx.device)
+    dtypes = {k: v.dtype for k, v in first_state.items()}
+    total = {k: v.to(torch.float64) if is_averaged(v) else v for k, v in first_state.items()}
+    members = [first.id]
+    best_acc = ctx.heldout_accuracy(first_state)
+    path = [{"id": first.id, "ingredient_heldout_acc": first.heldout_acc, "soup_heldout_acc": best_acc,
+             "kept": True, "time_s": 0.0}]
+    start = time.perf_counter()
+    for g in tqdm(order[1:], desc="greedy soup", disable=not ctx.progress, leave=False):
+        state = g.load(ctx.device)
+        n = len(members) + 1
+        candidate = {k: ((total[k] + v) / n).to(v.dtype) if is_averaged(v) else v for k, v in state.items()}
+        acc = ctx.heldout_accuracy(candidate)
+        kept = acc >= best_acc if accept == ">=" else acc > best_acc
+        if kept:
+            for k, v in state.items():
+                if is_averaged(v):
+                    total[k] += v
+            members.append(g.id)
+            best_acc = acc
+        path.append({"id": g.id, "ingredient_heldout_acc": g.heldout_acc, "soup_heldout_acc": acc,
+                     "kept": bool(kept), "time_s": time.perf_counter() - start})
+    n = len(members)
+    soup = {k: ((v / n).to(dtypes[k]) if is_averaged(v) else v).cpu() for k, v in total.items()}
+    return SoupResult(members, soup,
+                      {"path": path, "heldout_acc": best_acc, "accept": accept})
