@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from soupbench.backbones import Classifier, set_batchnorm_eval
-from soupbench.data import DataBundle, Split
+from soupbench.data import Split
 from soupbench.errors import ConfigError
 from soupbench.evaluate import autocast, predict
 from soupbench.io import hash_settings

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from soupbench import report, tracking
 from soupbench.backbones import Classifier
 from soupbench.data import DataBundle
-from soupbench.errors import ConfigError
+from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient
@@ -25,6 +26,19 @@ from soupbench.soups import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
 STAGES = ("finetune", "soup", "evaluate", "report")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, re-raising soupbench's own errors unwrapped so the message stays clear."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, SoupbenchError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def container(node: Any) -> Any:
@@ -45,8 +59,8 @@ class Run:
         self.run_dir = Path(cfg.paths.run_dir)
         self.ingredient_dir = Path(cfg.ingredients.dir)
         self.progress = bool(cfg.progress)
-        self.data: DataBundle = instantiate(cfg.dataset)
-        self.model: Classifier = instantiate(cfg.backbone, num_classes=self.data.num_classes).to(self.device)
+        self.data: DataBundle = build(cfg.dataset)
+        self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes).to(self.device)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, self.run_dir / "logits", self.data_key,
                                    cfg.eval.batch_size, self.device, self.progress)
@@ -151,7 +165,7 @@ class Run:
             if meta_path.is_file() and read_json(meta_path).get("settings_hash") == key:
                 log.info("soup %s: reusing %s", name, meta_path)
                 continue
-            build = instantiate(scfg)
+            make_soup = build(scfg)
             ctx = SoupContext(
                 ingredients=ingredients, base=self.base, heldout=self.data.heldout, train=self.data.train,
                 model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
@@ -160,7 +174,7 @@ class Run:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
-            result: SoupResult = build(ctx)
+            result: SoupResult = make_soup(ctx)
             elapsed = time.perf_counter() - t0
             meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
                     "members": result.members, "member_weights": result.member_weights,

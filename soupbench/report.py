@@ -22,7 +22,10 @@ def format_table(results: dict) -> str:
     cells = [[c if isinstance(c, str) else (f"{c:.2f}" if isinstance(c, float) else str(c)) for c in r]
              for r in rows]
     widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) for i in range(len(columns))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
     sizes = ", ".join(f"{k}={v}" for k, v in results["splits"].items())
     lines = [f"soupbench results: {results['name']}  (top-1 %, images: {sizes})", fmt(columns),
              fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)]

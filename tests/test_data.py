@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from soupbench.data import mnist, pacs, stratified_split
+from soupbench.data.image_folder import load as load_image_folder_dataset
+from soupbench.errors import ConfigError, DataError
+
+
+def write_tree(root, domains, classes=("dog", "cat", "house"), per_class=10, size=20):
+    rng = np.random.default_rng(0)
+    for d in domains:
+        for c in classes:
+            (root / d / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size + 4, 3), dtype=np.uint8)).save(
+                    root / d / c / f"{i}.jpg")
+
+
+def test_mnist_split_is_disjoint_and_real():
+    b = mnist.load(32, 300, 100, 100, 0, ["digits"], num_ood=50)
+    assert b.train.images.shape == (300, 3, 32, 32) and b.train.images.dtype == torch.uint8
+    assert len(b.ood["digits"]) == 50 and b.num_classes == 10
+    assert b.train.labels.unique().numel() == 10
+    rows = lambda s: {bytes(x.numpy()) for x in s.images}  # noqa: E731
+    assert not rows(b.train) & rows(b.heldout) and not rows(b.heldout) & rows(b.test)
+    with pytest.raises(ConfigError, match="5000"):
+        mnist.load(32, 4000, 1000, 1000, 0, [])
+    with pytest.raises(ConfigError, match="dataset.ood"):
+        mnist.load(32, 10, 10, 10, 0, ["svhn"])
+
+
+def test_stratified_split_deterministic_disjoint():
+    labels = torch.arange(100) % 4
+    a = stratified_split(labels, {"train": 0.7, "heldout": 0.15, "test": 0.15}, seed=3)
+    b = stratified_split(labels, {"train": 0.7, "heldout": 0.15, "test": 0.15}, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    allidx = torch.cat(list(a.values()))
+    assert allidx.unique().numel() == 100 == len(allidx)
+    assert len(a["train"]) == 68 or len(a["train"]) == 72 or 65 <= len(a["train"]) <= 75
+
+
+def test_pacs_loader_on_a_fixture_tree(tmp_path):
+    write_tree(tmp_path / "pacs", ["photo", "art_painting", "sketch"])
+    kw = dict(image_size=16, id_domains=["photo", "art_painting"], ood_domains=["sketch"],
+              fractions={"train": 0.6, "heldout": 0.2, "test": 0.2}, split_seed=0, cache_dir=str(tmp_path / "c"))
+    b = pacs.load(str(tmp_path / "pacs"), **kw)
+    assert b.classes == ["cat", "dog", "house"]
+    assert len(b.train) + len(b.heldout) + len(b.test) == 60 and len(b.ood["sketch"]) == 30
+    assert b.train.images.shape[1:] == (3, 16, 16)
+    b2 = pacs.load(str(tmp_path / "pacs"), **kw)        # second load comes from the decoded cache
+    assert torch.equal(b.heldout.images, b2.heldout.images)
+    assert any((tmp_path / "c").iterdir())
+    with pytest.raises(DataError, match="dataset.root"):
+        pacs.load(str(tmp_path / "nope"), **kw)
+    with pytest.raises(ConfigError, match="both ID and OOD"):
+        pacs.load(str(tmp_path / "pacs"), **{**kw, "ood_domains": ["photo"]})
+
+
+def test_image_folder_mismatched_classes(tmp_path):
+    write_tree(tmp_path, ["train", "val", "test"])
+    b = load_image_folder_dataset(str(tmp_path), 16, "train", "val", "test", [], None)
+    assert len(b.train) == 30
+    write_tree(tmp_path, ["shift"], classes=("dog", "cat"))
+    with pytest.raises(DataError, match="differ"):
+        load_image_folder_dataset(str(tmp_path), 16, "train", "val", "test", ["shift"], None)

@@ -1,0 +1,100 @@
+"""Uniform, greedy, best individual and ensemble against references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from soupbench.evaluate import accuracy, ensemble_logits, predict
+from soupbench.ingredients import save_ingredient, sort_by_heldout
+from soupbench.io import fingerprint
+from soupbench.soups import SoupContext, best_individual, ensemble, greedy, uniform
+from tests.conftest import make_store, random_split, tiny_model
+
+CPU = torch.device("cpu")
+
+
+def context(model, ingredients, heldout, tmp_path):
+    return SoupContext(
+        ingredients=ingredients, base=model.state_dict(), heldout=heldout, train=heldout, model=model,
+        device=CPU, work_dir=tmp_path / "work",
+        heldout_accuracy=lambda s: accuracy(predict(model, heldout.images, 32, CPU, s), heldout),
+        ingredient_logits=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()))
+
+
+def with_true_heldout(model, ingredients, heldout):
+    """Rewrite each ingredient's JSON with its real held-out accuracy, as the finetune stage does."""
+    out = []
+    for g in ingredients:
+        acc = accuracy(predict(model, heldout.images, 32, CPU, g.load()), heldout)
+        out.append(save_ingredient(g.path.parent, g.id, g.load(), {**g.meta, "heldout_acc": acc}))
+    return out
+
+
+def test_uniform_equals_reference_mean(tmp_path):
+    model = tiny_model()
+    _, ings = make_store(tmp_path, 5)
+    soup = uniform.build(context(model, ings, random_split(), tmp_path)).state
+    states = [g.load() for g in ings]
+    for k, v in soup.items():
+        if v.is_floating_point():
+            ref = torch.stack([s[k].double() for s in states]).mean(0).float()
+            torch.testing.assert_close(v, ref, rtol=0, atol=1e-6)
+        else:  # integer buffers (num_batches_tracked) are kept, not averaged
+            assert torch.equal(v, states[0][k])
+    assert soup.keys() == states[0].keys()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_never_below_first_and_keeps_heldout_order(tmp_path, seed):
+    model = tiny_model(seed=seed)
+    heldout = random_split(n=96, seed=seed)
+    _, ings = make_store(tmp_path, 6, scale=0.4, seed=seed, model=model)
+    ings = with_true_heldout(model, ings, heldout)
+    result = greedy.build(context(model, ings, heldout, tmp_path))
+    order = [g.id for g in sort_by_heldout(ings)]
+    first_acc = sort_by_heldout(ings)[0].heldout_acc
+    path = result.info["path"]
+    assert [p["id"] for p in path] == order                          # tried in held-out order
+    assert result.members[0] == order[0]
+    assert result.members == [i for i in order if i in result.members]   # members keep that order
+    best = path[0]["soup_heldout_acc"]
+    for step in path[1:]:
+        assert step["kept"] == (step["soup_heldout_acc"] >= best)
+        best = max(best, step["soup_heldout_acc"]) if step["kept"] else best
+    final_acc = accuracy(predict(model, heldout.images, 32, CPU, result.state), heldout)
+    assert final_acc == pytest.approx(result.info["heldout_acc"])
+    assert final_acc >= first_acc
+    # the soup is the plain mean of its members
+    members = [g for g in ings if g.id in result.members]
+    ref = uniform.build(context(model, members, heldout, tmp_path)).state
+    for k in ref:
+        torch.testing.assert_close(result.state[k], ref[k], rtol=0, atol=1e-6)
+
+
+def test_greedy_accept_rule(tmp_path):
+    """Two identical ingredients: the soup's accuracy ties, so '>=' keeps the second and '>' does not."""
+    model = tiny_model()
+    heldout = random_split()
+    _, (g0,) = make_store(tmp_path, 1)
+    twin = save_ingredient(tmp_path, "twin", g0.load(), {**g0.meta, "heldout_acc": g0.heldout_acc - 1})
+    ctx = context(model, [g0, twin], heldout, tmp_path)
+    assert greedy.build(ctx, accept=">=").members == [g0.id, "twin"]
+    assert greedy.build(ctx, accept=">").members == [g0.id]
+
+
+def test_best_individual_and_ensemble(tmp_path):
+    model = tiny_model()
+    heldout = random_split()
+    _, ings = make_store(tmp_path, 4, scale=0.3)
+    ctx = context(model, ings, heldout, tmp_path)
+    best = best_individual.build(ctx)
+    assert best.members == [max(ings, key=lambda g: g.heldout_acc).id]
+    assert fingerprint(best.state) == max(ings, key=lambda g: g.heldout_acc).fingerprint
+    ens = ensemble.build(ctx)
+    assert ens.state is None and sorted(ens.members) == sorted(g.id for g in ings)
+    logits = [predict(model, heldout.images, 32, CPU, g.load()) for g in ings]
+    probs = torch.stack([x.softmax(1) for x in logits]).mean(0)
+    torch.testing.assert_close(ensemble_logits(logits).exp(), probs)
+    greedy_ens = ensemble.build(ctx, greedy=True)
+    assert greedy_ens.info["heldout_acc"] >= accuracy(logits[[g.id for g in ings].index(best.members[0])], heldout)
