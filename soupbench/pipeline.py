@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from soupbench import report, tracking
-from soupbench.backbones import Classifier
+from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
@@ -159,8 +159,9 @@ class Run:
     def soup_stage(self, ingredients: list[Ingredient]) -> None:
         for name, scfg in self.cfg.soup.items():
             settings = container(scfg)
+            bn = container(self.cfg.bn_recalibration)
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
-                                 "base": self.base_fp, "data": self.data_key})
+                                 "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.run_dir / "soups" / f"{name}.json"
             if meta_path.is_file() and read_json(meta_path).get("settings_hash") == key:
                 log.info("soup %s: reusing %s", name, meta_path)
@@ -175,6 +176,10 @@ class Run:
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
             result: SoupResult = make_soup(ctx)
+            if bn["enabled"] and result.state is not None and has_batchnorm(self.model):
+                images = self.data.train.images[:bn["num_images"]]
+                result.state = recalibrate_batchnorm(self.model, result.state, images, bn["batch_size"], self.device)
+                result.info["bn_recalibrated_on"] = len(images)
             elapsed = time.perf_counter() - t0
             meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
                     "members": result.members, "member_weights": result.member_weights,

@@ -32,7 +32,8 @@ def test_every_option_composes(group, option, tmp_path):
 def test_default_composition():
     cfg = compose_cfg()
     assert cfg.backbone.variant == "lite0" and cfg.backbone.weights == "wheel"
-    assert list(cfg.soup) == ["best_individual", "uniform", "greedy", "ensemble"]
+    assert list(cfg.soup) == ["best_individual", "uniform", "greedy", "learned", "learned_plus", "hl", "hl_plus",
+                              "mehl", "mehl_plus", "ensemble"]
     assert cfg.finetune.freeze_bn is True
     assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"
 

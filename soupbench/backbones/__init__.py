@@ -6,6 +6,6 @@ souping and evaluation never care which library the encoder came from.
 - `open_clip_model.create`: CLIP image towers with a zero-shot head from class names and templates.
 """
 
-from soupbench.backbones.classifier import Classifier, set_batchnorm_eval
+from soupbench.backbones.classifier import Classifier, has_batchnorm, recalibrate_batchnorm, set_batchnorm_eval
 
-__all__ = ["Classifier", "set_batchnorm_eval"]
+__all__ = ["Classifier", "has_batchnorm", "recalibrate_batchnorm", "set_batchnorm_eval"]

@@ -50,3 +50,26 @@ def set_batchnorm_eval(model: nn.Module) -> int:
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, state: dict[str, torch.Tensor], images: torch.Tensor, batch_size: int,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    """Re-estimate every BatchNorm's running mean/var for the weights `state` on `images` (exact averages over
+    the batches, momentum=None), leaving the weights alone. Averaged weights do not match averaged statistics,
+    so BN soups can need this (GUIDE §4). Returns the new state dict (CPU)."""
+    model.load_state_dict(state)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in bns:
+        m.train()
+    for i in range(0, len(images), batch_size):
+        model(images[i:i + batch_size].to(device))
+    for m, mom in zip(bns, momenta, strict=True):
+        m.momentum = mom
+    model.eval()
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

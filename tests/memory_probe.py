@@ -1,0 +1,55 @@
+"""Run in a fresh process: build K fat ingredients, then (unless mode=baseline) one learned soup with block
+size b, and print the process's peak resident memory in MB. Used by test_learned_memory.py."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from soupbench.backbones import Classifier
+from soupbench.data import Split
+from soupbench.ingredients import Ingredient
+from soupbench.io import fingerprint, save_weights
+from soupbench.soups import SoupContext, learned
+
+WIDTH = 40_000          # 192 x 40k floats = 30.7 MB per ingredient
+
+
+def model() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(192, WIDTH), nn.ReLU()), WIDTH, 3, [0.5] * 3, [0.5] * 3)
+
+
+def main(directory: str, k: int, b: int, mode: str) -> None:
+    torch.set_num_threads(1)
+    d = Path(directory)
+    m = model().eval()
+    base = m.state_dict()
+    ings = []
+    if mode == "write":
+        for i in range(k):
+            s = {n: v + 0.01 * torch.randn_like(v) for n, v in base.items()}
+            save_weights(d / f"g{i}.safetensors", s)
+        return
+    for i in range(k):
+        ings.append(Ingredient(f"g{i}", d / f"g{i}.safetensors", {"fingerprint": f"g{i}", "heldout_acc": 0.0}))
+    g = torch.Generator().manual_seed(0)
+    heldout = Split("heldout", torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 3, (32,), generator=g))
+    if mode == "soup":
+        ctx = SoupContext(ingredients=ings, base=base, heldout=heldout, train=heldout, model=m,
+                          device=torch.device("cpu"), work_dir=d / f"work-{b}", heldout_accuracy=lambda s: 0.0,
+                          ingredient_logits=lambda g, s: None)
+        learned.build(ctx, "affine", "layer", b, epochs=1, batch_size=32)
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "ingredient_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2**20,
+                      "fingerprint": fingerprint(base)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -1,0 +1,202 @@
+"""The coefficient-learning engine (learned, learned+, HL(+), MEHL(+)) against explicit references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from soupbench.evaluate import accuracy, predict
+from soupbench.ingredients import save_ingredient
+from soupbench.io import fingerprint
+from soupbench.soups import learned
+from soupbench.soups.learned import coefficient_gradient, coefficient_weights, combine, learnable_names
+from tests.conftest import make_store, random_split, tiny_model
+from tests.test_soups_basic import context
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("parameterisation", ["simplex", "affine"])
+@pytest.mark.parametrize("granularity", ["model", "layer"])
+def test_coefficient_gradient_matches_autograd_through_all_models(parameterisation, granularity):
+    torch.manual_seed(0)
+    model = tiny_model().double().eval()
+    names = learnable_names(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    K = 4
+    thetas = [{n: base[n] + 0.3 * torch.randn_like(base[n]) for n in names} for _ in range(K)]
+    buffers = {k: v for k, v in base.items() if k not in names}
+    if parameterisation == "simplex":
+        centre, dirs = None, {n: torch.stack([t[n] for t in thetas]) for n in names}
+    else:
+        centre = {n: base[n] for n in names}
+        dirs = {n: torch.stack([t[n] - base[n] for t in thetas]) for n in names}
+        dirs = {n: d / d.flatten(1).norm(dim=1).view(-1, *[1] * (d.ndim - 1)) for n, d in dirs.items()}
+    shape = (K, len(names)) if granularity == "layer" else (K,)
+    param = (0.5 * torch.randn(shape, dtype=torch.float64)).requires_grad_(True)
+    split = random_split(n=24)
+    x, y = split.images, split.labels
+
+    # reference: one autograd graph through every model's tensors, exactly what the engine avoids
+    w_ref = coefficient_weights(param, parameterisation, len(names), temperature=0.7)
+    theta = {n: (0 if centre is None else centre[n]) + sum(w_ref[i, j] * dirs[n][i] for i in range(K))
+             for j, n in enumerate(names)}
+    loss_ref = F.cross_entropy(functional_call(model, {**buffers, **theta}, (x,)), y)
+    (grad_ref,) = torch.autograd.grad(loss_ref, param)
+
+    # engine: one forward/backward of the single soup, inner products, then the tiny coefficient graph
+    w = coefficient_weights(param, parameterisation, len(names), temperature=0.7)
+    loss, g = coefficient_gradient(model, centre, dirs, w.detach(), names, buffers, x, y, use_autocast=False)
+    (grad,) = torch.autograd.grad(w, param, g)
+    torch.testing.assert_close(loss, loss_ref.detach())
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-12)
+
+
+def store_with_accuracies(tmp_path, k=4, scale=0.3, seed=0):
+    model = tiny_model(seed=seed)
+    heldout = random_split(n=64, seed=seed)
+    _, ings = make_store(tmp_path, k, scale=scale, seed=seed, model=model)
+    return model, heldout, ings
+
+
+SETTINGS = dict(epochs=3, batch_size=32, lr=0.05, weight_decay=0.0, warmup_frac=0.2, max_grad_norm=1.0)
+
+
+def test_mehl_with_one_block_equals_hl(tmp_path):
+    model, heldout, ings = store_with_accuracies(tmp_path)
+    hl = learned.build(context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **SETTINGS)
+    mehl = learned.build(context(model, ings, heldout, tmp_path / "b"), "affine", "layer", len(ings), **SETTINGS)
+    assert torch.equal(torch.tensor(hl.info["coefficients"]), torch.tensor(mehl.info["coefficients"]))
+    assert fingerprint(hl.state) == fingerprint(mehl.state)
+
+
+@pytest.mark.parametrize("granularity", ["model", "layer"])
+def test_simplex_stays_on_the_simplex(tmp_path, granularity):
+    model, heldout, ings = store_with_accuracies(tmp_path)
+    res = learned.build(context(model, ings, heldout, tmp_path), "simplex", granularity, **SETTINGS)
+    w = torch.tensor(res.info["coefficients"])
+    assert (w >= 0).all() and (w <= 1).all()
+    torch.testing.assert_close(w.sum(0), torch.ones(w.shape[1]))
+    assert not torch.allclose(w, torch.full_like(w, 0.25))        # it learned something
+    # the soup is exactly Σ w_i θ_i per tensor
+    states = [g.load() for g in ings]
+    for j, n in enumerate(res.info["layers"]):
+        ref = sum(w[i, j] * states[i][n] for i in range(len(ings)))
+        torch.testing.assert_close(res.state[n], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_affine_extrapolates_where_the_optimum_lies_outside(tmp_path):
+    """Both ingredients lie on the segment from a zero head towards a teacher head; the held-out loss keeps
+    falling beyond them, so HL must leave [0, 1] and beat the simplex (learned) soup."""
+    model = tiny_model(seed=1).eval()
+    heldout = random_split(n=128, seed=1)
+    with torch.no_grad():
+        heldout.labels[:] = predict(model, heldout.images, 64, CPU).argmax(1)   # teacher labels
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher_w, teacher_b = start["head.weight"].clone(), start["head.bias"].clone()
+    start["head.weight"].zero_()
+    start["head.bias"].zero_()
+    bf = fingerprint(start)
+    ings = []
+    for i, t in enumerate([0.3, 0.6]):
+        s = {k: v.clone() for k, v in start.items()}
+        s["head.weight"] = t * teacher_w
+        s["head.bias"] = t * teacher_b
+        ings.append(save_ingredient(tmp_path, f"g{i}", s, {"fingerprint": fingerprint(s), "base_fingerprint": bf,
+                                                            "heldout_acc": 50.0 + i}))
+    ctx = context(model, ings, heldout, tmp_path)
+    ctx.base = start
+    kw = dict(SETTINGS, epochs=30, lr=0.2)
+    hl = learned.build(ctx, "affine", "model", None, centre="base", normalize_directions=False, **kw)
+    ls = learned.build(ctx, "simplex", "model", None, **kw)
+    hl_w = torch.tensor(hl.info["coefficients"])
+    assert hl.info["coefficient_max"] > 1.0 or hl_w.sum(0).max() > 1.0
+    # effective position along the teacher direction, beyond the best ingredient's 0.6
+    t_hl = (hl.state["head.weight"] * teacher_w).sum() / teacher_w.square().sum()
+    assert t_hl > 0.6
+    loss = lambda s: F.cross_entropy(predict(model, heldout.images, 64, CPU, s), heldout.labels).item()  # noqa: E731
+    assert loss(hl.state) < min(loss(ls.state), loss(ings[0].load()), loss(ings[1].load()))
+    lw = torch.tensor(ls.info["coefficients"])
+    assert (lw >= 0).all() and (lw <= 1).all()       # the simplex cannot leave the segment
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
+    model, heldout, ings = store_with_accuracies(tmp_path)
+    kw = dict(parameterisation="affine", granularity="layer", block_size=1, **SETTINGS)
+    full = learned.build(context(model, ings, heldout, tmp_path / "full"), **kw)
+
+    calls = {"n": 0}
+    original = type(ings[0]).load
+
+    def flaky_load(self, device="cpu"):
+        calls["n"] += 1
+        if calls["n"] == 3:                       # die while loading the third block
+            raise KeyboardInterrupt
+        return original(self, device)
+
+    ctx = context(model, ings, heldout, tmp_path / "resumed")
+    monkeypatch.setattr(type(ings[0]), "load", flaky_load)
+    with pytest.raises(KeyboardInterrupt):
+        learned.build(ctx, **kw)
+    monkeypatch.setattr(type(ings[0]), "load", original)
+    loaded = []
+
+    def recording_load(self, device="cpu"):
+        loaded.append(self.id)
+        return original(self, device)
+
+    monkeypatch.setattr(type(ings[0]), "load", recording_load)
+    resumed = learned.build(ctx, **kw)
+    assert loaded == [g.id for g in ings[2:]]            # blocks 0 and 1 were not redone
+    assert torch.equal(torch.tensor(resumed.info["coefficients"]), torch.tensor(full.info["coefficients"]))
+    assert fingerprint(resumed.state) == fingerprint(full.state)
+
+
+def test_learned_soup_improves_heldout_loss(tmp_path):
+    """Full-batch steps: MEHL+ (2 blocks) must end below its start, the mean of the first block."""
+    from soupbench.soups import average
+
+    model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
+    ctx = context(model, ings, heldout, tmp_path)
+    res = learned.build(ctx, "affine", "layer", 2, **dict(SETTINGS, epochs=20, batch_size=len(heldout), lr=0.02))
+    loss = lambda s: F.cross_entropy(predict(model, heldout.images, 64, CPU, s), heldout.labels).item()  # noqa: E731
+    assert loss(res.state) < loss(average(ings[:2])) - 1e-3
+    assert res.info["num_blocks"] == 2 and len(res.info["coefficients"]) == 4
+    assert 0 <= accuracy(predict(model, heldout.images, 64, CPU, res.state), heldout) <= 100
+
+
+def test_bad_settings_are_named(tmp_path):
+    from soupbench.errors import ConfigError
+
+    model, heldout, ings = store_with_accuracies(tmp_path)
+    ctx = context(model, ings, heldout, tmp_path)
+    with pytest.raises(ConfigError, match="block_size=null"):
+        learned.build(ctx, "simplex", "model", block_size=2)
+    with pytest.raises(ConfigError, match="granularity"):
+        learned.build(ctx, "affine", "tensor")
+
+
+def test_combine_is_centre_plus_weighted_directions():
+    d = {"a": torch.arange(6.0).view(2, 3)}
+    out = combine({"a": torch.ones(3)}, d, torch.tensor([[2.0], [-1.0]]), ["a"])
+    torch.testing.assert_close(out["a"], torch.ones(3) + 2 * d["a"][0] - d["a"][1])
+
+
+def test_bn_recalibration_gives_the_exact_statistics():
+    from soupbench.backbones import recalibrate_batchnorm
+
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["encoder.1.running_mean"].fill_(5.0)
+    state["encoder.1.running_var"].fill_(9.0)
+    images = random_split(n=40).images
+    new = recalibrate_batchnorm(model, state, images, batch_size=40, device=CPU)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        conv = model.encoder[0](model.normalize(images))
+    torch.testing.assert_close(new["encoder.1.running_mean"], conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new["encoder.1.running_var"], conv.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert torch.equal(new["encoder.0.weight"], state["encoder.0.weight"])       # weights untouched
+    assert model.encoder[1].momentum == 0.1 and not model.encoder[1].training
