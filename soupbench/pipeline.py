@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,7 @@ class Run:
                 save_weights(self.run_dir / "soups" / f"{name}.safetensors", result.state,
                              {"method": name, "members": ",".join(result.members)})
             write_json(meta_path, meta)
+            shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
             log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
 
     # ------------------------------------------------------------------------------------------ evaluate
