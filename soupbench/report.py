@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from soupbench import plots
+from soupbench.io import read_json
 from soupbench.tracking import Tracker
 
 
@@ -40,5 +42,18 @@ def report(results: dict, run_dir: Path, tracker: Tracker) -> str:
     tracker.log_table("results", columns, rows)
     tracker.log_metrics({f"{name}/{k}": v for name, m in results["methods"].items() for k, v in m.items()
                          if isinstance(v, int | float)})
+    figures = plots.all_plots(results, run_dir)
+    tracker.log_images(figures)
+    log_soup_artifacts(results, run_dir, tracker)
     print(f"results: {run_dir / 'results.json'}")
     return text
+
+
+def log_soup_artifacts(results: dict, run_dir: Path, tracker: Tracker) -> None:
+    """Each weight soup as an artifact: its safetensors, and its JSON with the ingredient list and settings."""
+    for name in results["methods"]:
+        weights, meta_path = run_dir / "soups" / f"{name}.safetensors", run_dir / "soups" / f"{name}.json"
+        if weights.is_file() and meta_path.is_file():
+            meta = read_json(meta_path)
+            tracker.log_artifact(f"soup-{results['name']}-{name}", "model", [weights, meta_path],
+                                 {"method": name, "members": meta["members"], "settings": meta["settings"]})

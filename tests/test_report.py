@@ -1,0 +1,36 @@
+"""The report stage: table, plots, and a real offline W&B run holding them."""
+
+from __future__ import annotations
+
+import os
+
+from soupbench.pipeline import run
+from tests.conftest import compose_cfg
+
+
+def test_plots_are_written(tiny_run):
+    _, results, run_dir = tiny_run
+    plots = {p.name for p in (run_dir / "plots").glob("*.png")}
+    assert {"id_vs_ood.png", "greedy_path_greedy.png"} <= plots
+    assert all((run_dir / "plots" / p).stat().st_size > 5000 for p in plots)
+
+
+def test_offline_wandb_run_holds_table_plots_and_soup(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    cfg, results, run_dir = tiny_run
+    shutil.copytree(run_dir, tmp_path / "tiny")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg2 = compose_cfg(["experiment=tiny", "logger=wandb", "stages=[report]",
+                        "soup=[best_individual,uniform,greedy,ensemble]"], tmp_path)
+    run(cfg2)
+    runs = list((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    files = {p.relative_to(runs[0]).as_posix() for p in runs[0].rglob("*") if p.is_file()}
+    assert any(f.endswith(".wandb") for f in files)
+    assert any("results_" in f and f.endswith(".table.json") for f in files), files
+    assert any("id_vs_ood" in f and f.endswith(".png") for f in files), files
+    log = next(runs[0].glob("*.wandb")).read_bytes()     # offline: the summary lives in the run's record log
+    assert b"greedy/heldout" in log and b"soup-tiny-greedy" in log   # metrics and the soup artifact
+    assert b"num_ingredients" in log and b"search_seed" in log        # the composed config
+    assert os.environ["WANDB_MODE"] == "offline"
