@@ -168,7 +168,7 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     bar.close()
     model.eval()
     if not all(math.isfinite(v) for v in losses):
-        raise FloatingPointError(f"{desc}: the training loss became NaN/Inf (lr={hp['lr']}); lower finetune.space.lr")
+        raise ConfigError(f"{desc}: the training loss became NaN/Inf (lr={hp['lr']}); lower finetune.space.lr")
     tail = losses[-max(1, steps_per_epoch // 4):]
     return {"final_train_loss": sum(tail) / len(tail), "steps": total}
 
