@@ -89,8 +89,8 @@ class Evaluator:
     def logits(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
                cache: bool = True) -> torch.Tensor:
         """Logits of `state` on `split`; with cache=False nothing is stored (greedy's one-off candidates)."""
-        if not cache:
-            return self._predict(state, split)
+        if not cache:  # one-off candidates (greedy): the caller's own progress bar speaks for them
+            return self._predict(state, split, progress=False)
         fp = fp or fingerprint(state)
         if (fp, split) in self._mem:
             return self._mem[(fp, split)]
@@ -115,8 +115,8 @@ class Evaluator:
                  cache: bool = True) -> float:
         return accuracy(self.logits(state, split, fp, cache), self.splits[split])
 
-    def _predict(self, state: Mapping[str, torch.Tensor], split: str) -> torch.Tensor:
+    def _predict(self, state: Mapping[str, torch.Tensor], split: str, progress: bool | None = None) -> torch.Tensor:
         s = self.splits[split]
         state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
         return predict(self.model, s.images, self.batch_size, self.device, state, desc=f"eval {split}",
-                       progress=self.progress)
+                       progress=self.progress if progress is None else progress)
