@@ -4,7 +4,6 @@ size b, and print the process's peak resident memory in MB. Used by test_learned
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -18,6 +17,15 @@ from soupbench.io import fingerprint, save_weights
 from soupbench.soups import SoupContext, learned
 
 WIDTH = 40_000          # 192 x 40k floats = 30.7 MB per ingredient
+
+
+def peak_rss_mb() -> float:
+    """This address space's resident high-water mark. Not ru_maxrss: Linux carries that across execve, so a
+    probe started from a large parent (the test session) would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def model() -> Classifier:
@@ -46,7 +54,7 @@ def main(directory: str, k: int, b: int, mode: str) -> None:
                           device=torch.device("cpu"), work_dir=d / f"work-{b}", heldout_accuracy=lambda s: 0.0,
                           ingredient_logits=lambda g, s: None)
         learned.build(ctx, "affine", "layer", b, epochs=1, batch_size=32)
-    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"peak_mb": peak_rss_mb(),
                       "ingredient_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2**20,
                       "fingerprint": fingerprint(base)}))
 
