@@ -183,7 +183,7 @@ class Run:
                 result.info["bn_recalibrated_on"] = len(images)
             elapsed = time.perf_counter() - t0
             meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
-                    "members": result.members, "member_weights": result.member_weights,
+                    "members": result.members,
                     "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
             if result.state is not None:
                 meta["fingerprint"] = fingerprint(result.state)

@@ -39,12 +39,11 @@ class SoupContext:
 @dataclass
 class SoupResult:
     """`state` holds the soup's weights; an output ensemble has none and is evaluated from its members'
-    logits (weighted by `member_weights`)."""
+    logits."""
 
     members: list[str]
     state: dict[str, torch.Tensor] | None
     info: dict = field(default_factory=dict)
-    member_weights: list[float] | None = None
 
     @property
     def kind(self) -> str:

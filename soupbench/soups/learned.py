@@ -198,7 +198,8 @@ def _mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def _mean_buffers(states: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in _mean(states).items() if k not in set(names)}
+    skip = set(names)
+    return _mean([{k: v for k, v in s.items() if k not in skip} for s in states])
 
 
 def _state_paths(ctx: SoupContext):
