@@ -158,9 +158,9 @@ class Run:
         return cached if cached is not None else self.evaluator.logits(g.load(), split, g.fingerprint)
 
     def soup_stage(self, ingredients: list[Ingredient]) -> None:
+        bn = container(self.cfg.bn_recalibration)
         for name, scfg in self.cfg.soup.items():
             settings = container(scfg)
-            bn = container(self.cfg.bn_recalibration)
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.run_dir / "soups" / f"{name}.json"
@@ -169,7 +169,7 @@ class Run:
                 continue
             make_soup = build(scfg)
             ctx = SoupContext(
-                ingredients=ingredients, base=self.base, heldout=self.data.heldout, train=self.data.train,
+                ingredients=ingredients, base=self.base, heldout=self.data.heldout,
                 model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
                 ingredient_logits=self.ingredient_logits, progress=self.progress)

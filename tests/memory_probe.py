@@ -50,7 +50,7 @@ def main(directory: str, k: int, b: int, mode: str) -> None:
     heldout = Split("heldout", torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g),
                     torch.randint(0, 3, (32,), generator=g))
     if mode == "soup":
-        ctx = SoupContext(ingredients=ings, base=base, heldout=heldout, train=heldout, model=m,
+        ctx = SoupContext(ingredients=ings, base=base, heldout=heldout, model=m,
                           device=torch.device("cpu"), work_dir=d / f"work-{b}", heldout_accuracy=lambda s: 0.0,
                           ingredient_logits=lambda g, s: None)
         learned.build(ctx, "affine", "layer", b, epochs=1, batch_size=32)

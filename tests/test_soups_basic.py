@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 def context(model, ingredients, heldout, tmp_path):
     return SoupContext(
-        ingredients=ingredients, base=model.state_dict(), heldout=heldout, train=heldout, model=model,
+        ingredients=ingredients, base=model.state_dict(), heldout=heldout, model=model,
         device=CPU, work_dir=tmp_path / "work",
         heldout_accuracy=lambda s: accuracy(predict(model, heldout.images, 32, CPU, s), heldout),
         ingredient_logits=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()))

@@ -27,7 +27,6 @@ class SoupContext:
     ingredients: list[Ingredient]
     base: dict[str, torch.Tensor]          # the shared start (LP weights), CPU
     heldout: Split
-    train: Split                            # for BatchNorm re-estimation only
     model: torch.nn.Module                 # template network, on `device`
     device: torch.device
     work_dir: Path                          # resumable state of this soup
