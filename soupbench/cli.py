@@ -13,16 +13,34 @@ from soupbench import CONFIG_DIR
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _task(cfg) -> None:
+def report_errors(fn, cfg) -> None:
+    """Run `fn(cfg)`; an error in the user's input prints one line and exits 2."""
     from soupbench.errors import SoupbenchError
-    from soupbench.pipeline import run
 
     try:
-        run(cfg)
+        fn(cfg)
     except SoupbenchError as e:
         logging.getLogger("soupbench").error("%s", e)
         print(f"soupbench: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from soupbench.pipeline import run
+    from soupbench.sweep import mark_failed
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        report_errors(run, cfg)
+        return
+    try:               # a sweep job: Hydra's launcher records the exception; the marker survives any launcher
+        run(cfg)
+    except BaseException as e:
+        mark_failed(hc.runtime.output_dir, e)
+        raise
 
 
 def main() -> None:

@@ -84,9 +84,15 @@ def check_compatible(ingredients: list[Ingredient], reference: Mapping[str, torc
             extra, missing = set(shapes) - set(ref_shapes), set(ref_shapes) - set(shapes)
             raise CheckpointError(f"{g.path}: not the same architecture as the backbone "
                                   f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
-        for k, s in shapes.items():
-            if s != ref_shapes[k]:
-                raise CheckpointError(f"{g.path}: tensor '{k}' has shape {s}, expected {ref_shapes[k]}")
+        wrong = {k: s for k, s in shapes.items() if s != ref_shapes[k]}
+        head, ref_head = wrong.get("head.weight"), ref_shapes.get("head.weight")
+        if head is not None and len(head) == 2 and ref_head is not None and head[1] == ref_head[1]:
+            raise CheckpointError(f"{g.path}: its head has {head[0]} classes but the dataset has {ref_head[0]}: "
+                                  "these ingredients were trained on another dataset (or class subset); point "
+                                  "ingredients.dir elsewhere")
+        if wrong:
+            k, s = next(iter(wrong.items()))
+            raise CheckpointError(f"{g.path}: tensor '{k}' has shape {s}, expected {ref_shapes[k]}")
         bases.setdefault(g.meta.get("base_fingerprint"), []).append(g.id)
     if len(bases) > 1:
         detail = "; ".join(f"{b}: {ids[:3]}" for b, ids in bases.items())

@@ -22,7 +22,7 @@ from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient
-from soupbench.io import fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
 from soupbench.soups import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
@@ -70,7 +70,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ base (LP)
     def prepare_base(self) -> None:
-        """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings."""
+        """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings (under a lock,
+        so the parallel jobs of a sweep compute it once and the others reuse it)."""
+        with file_lock(self.run_dir / "base" / ".lock"):
+            self._prepare_base()
+
+    def _prepare_base(self) -> None:
         cfg = self.cfg
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
@@ -244,21 +249,30 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 def run(cfg: DictConfig) -> dict | None:
-    """Compose -> stages -> report. Returns the results dict when the evaluate stage ran."""
+    """Compose -> stages -> report. Returns the results dict when the evaluate stage ran.
+
+    With `finetune.index` set (one job of a sweep) only that ingredient is trained: the soup needs every
+    ingredient, so it runs after the sweep (soupbench.sweep.SoupAfterSweep) or in a later call."""
     run_ = Run(cfg)
-    tracker = tracking.start(cfg, cfg.name)
+    one_job = cfg.finetune.index is not None
+    stages = [s for s in cfg.stages if s == "finetune"] if one_job else list(cfg.stages)
+    if one_job and stages != list(cfg.stages):
+        log.info("finetune.index=%s: this job trains one ingredient; soups are built once the sweep is done",
+                 cfg.finetune.index)
+    tracker = tracking.start(cfg, f"{cfg.name}-ft{cfg.finetune.index:03d}" if one_job else cfg.name,
+                             "finetune" if one_job else "soup")
     try:
         run_.prepare_base()
-        if "finetune" in cfg.stages:
+        if "finetune" in stages:
             run_.finetune_stage(tracker)
         results = None
-        needs_soup = any(s in cfg.stages for s in ("soup", "evaluate", "report"))
+        needs_soup = any(s in stages for s in ("soup", "evaluate", "report"))
         ingredients = run_.selected_ingredients() if needs_soup else []
-        if "soup" in cfg.stages:
+        if "soup" in stages:
             run_.soup_stage(ingredients)
-        if "evaluate" in cfg.stages:
+        if "evaluate" in stages:
             results = run_.evaluate_stage(ingredients)
-        if "report" in cfg.stages:
+        if "report" in stages:
             results = results or read_json(run_.run_dir / "results.json")
             report.report(results, run_.run_dir, tracker)
         tracker.finish(0)

@@ -28,14 +28,15 @@ class Tracker:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg: DictConfig, run_config: dict, run_name: str) -> None:
+    def __init__(self, cfg: DictConfig, run_config: dict, run_name: str, job_type: str) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.wandb = wandb
         Path(cfg.dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=str(cfg.dir),
-                              name=run_name, tags=list(cfg.tags), config=run_config, reinit="finish_previous",
+                              name=run_name, group=cfg.group, job_type=job_type, tags=list(cfg.tags),
+                              config=run_config, reinit="finish_previous",
                               settings=wandb.Settings(console="off", x_disable_stats=True))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
@@ -57,12 +58,13 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=exit_code)
 
 
-def start(cfg: DictConfig, run_name: str) -> Tracker:
+def start(cfg: DictConfig, run_name: str, job_type: str = "soup") -> Tracker:
+    """One W&B run per invocation; the jobs of a sweep share the experiment's name as their group."""
     kind = cfg.logger.kind
     if kind == "none":
         return Tracker()
     if kind == "wandb":
-        return WandbTracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_name)
+        return WandbTracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_name, job_type)
     from soupbench.errors import ConfigError
 
     raise ConfigError(f"logger.kind={kind!r}: expected wandb or none")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from soupbench.errors import CheckpointError, DataError
-from soupbench.io import read_json, save_weights
+from soupbench.io import load_weights, read_json, save_weights
 from soupbench.pipeline import run
 from tests.conftest import compose_cfg
 
@@ -50,18 +52,74 @@ def test_rerun_reuses_finished_work(tiny_run):
     assert again["methods"] == results["methods"]
 
 
-def test_ingredient_with_other_shapes_fails_clearly(tiny_run, tmp_path):
-    cfg, _, run_dir = tiny_run
-    import shutil
+def copy_of_run(tiny_run, tmp_path: Path) -> Path:
+    shutil.copytree(tiny_run[2], tmp_path / "tiny")
+    return tmp_path / "tiny"
 
-    shutil.copytree(run_dir, tmp_path / "tiny")
-    odd = tmp_path / "tiny" / "ingredients"
-    victim = sorted(odd.glob("*.safetensors"))[0]
-    state = {"head.weight": torch.zeros(3, 3)}
+
+def snapshot(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def fails_and_keeps_artefacts(tmp_path: Path, run_dir: Path, overrides: list[str], error: type, match: str,
+                              victim: Path) -> None:
+    before = snapshot(run_dir)
+    with pytest.raises(error, match=match):
+        run(compose_cfg(["experiment=tiny", "logger=none", *overrides], tmp_path))
+    after = snapshot(run_dir)
+    assert {p: b for p, b in after.items() if p in before} == before        # nothing finished was lost
+    assert victim in after
+
+
+def test_ingredient_with_other_shapes_fails_clearly(tiny_run, tmp_path):
+    run_dir = copy_of_run(tiny_run, tmp_path)
+    victim = sorted((run_dir / "ingredients").glob("*.safetensors"))[0]
+    save_weights(victim, {"head.weight": torch.zeros(3, 3)})
+    fails_and_keeps_artefacts(tmp_path, run_dir, ["stages=[soup]"], CheckpointError,
+                              f"{victim.name}: not the same architecture", victim)
+
+
+def test_ingredient_with_another_class_count_names_both_counts(tiny_run, tmp_path):
+    run_dir = copy_of_run(tiny_run, tmp_path)
+    victim = sorted((run_dir / "ingredients").glob("*.safetensors"))[0]
+    state = load_weights(victim)
+    state["head.weight"], state["head.bias"] = state["head.weight"][:3].clone(), state["head.bias"][:3].clone()
     save_weights(victim, state)
-    cfg2 = compose_cfg(["experiment=tiny", "logger=none", "stages=[soup]"], tmp_path)
-    with pytest.raises(CheckpointError, match=victim.name):
-        run(cfg2)
+    fails_and_keeps_artefacts(tmp_path, run_dir, ["stages=[soup]"], CheckpointError,
+                              f"{victim.name}: its head has 3 classes but the dataset has 10", victim)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "nan", "garbage"])
+def test_damaged_ingredient_file_is_named_before_anything_is_overwritten(tiny_run, tmp_path, damage):
+    run_dir = copy_of_run(tiny_run, tmp_path)
+    for f in (run_dir / "soups").glob("uniform.*"):       # uniform must be rebuilt, so it reads every ingredient
+        f.unlink()
+    victim = sorted((run_dir / "ingredients").glob("*.safetensors"))[1]
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        match = "truncated or corrupt"
+    elif damage == "garbage":
+        victim.write_bytes(b"\x00" * 64)
+        match = "truncated or corrupt"
+    else:
+        state = load_weights(victim)
+        first = next(k for k, v in state.items() if v.is_floating_point())
+        state[first][0] = float("nan")
+        save_weights(victim, state)
+        match = f"'{first}' holds NaN"
+    fails_and_keeps_artefacts(tmp_path, run_dir, ["stages=[soup]", "soup=[uniform]"], CheckpointError,
+                              f"{victim.name}.*{match}", victim)
+
+
+def test_unknown_soup_method_or_config_key_is_named(tmp_path):
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="soup/gready"):
+        compose_cfg(["soup=[uniform,gready]"], tmp_path)
+    with pytest.raises(ConfigCompositionException, match="finetune.num_ingredient"):
+        compose_cfg(["finetune.num_ingredient=3"], tmp_path)
+    with pytest.raises(ConfigCompositionException, match="soup.greedy.acceptence"):
+        compose_cfg(["soup.greedy.acceptence=strict"], tmp_path)
 
 
 def test_missing_dataset_fails_with_its_path(tmp_path):

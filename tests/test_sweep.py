@@ -1,0 +1,72 @@
+"""Sweeps with a real Hydra launcher (joblib): one ingredient per job, then the soups from all of them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+
+import soupbench
+from soupbench.io import read_json
+from soupbench.sweep import FAILED_MARKER, after_sweep_config, sweeps_ingredients
+
+
+def sweep(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "soupbench.cli", "-m", "experiment=tiny", "logger=none",
+                           "progress=false", "hydra/launcher=local", f"paths.output_dir={tmp}",
+                           "soup=[uniform,greedy,ensemble]", *overrides],
+                          capture_output=True, text=True, cwd=tmp, timeout=600)
+
+
+def multirun_cfg(overrides: list[str]):
+    """The config the launching process of `soupbench -m <overrides>` sees (sweep values left open)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(soupbench.CONFIG_DIR), version_base="1.3"):
+        return GlobalHydra.instance().hydra.compose_config("config", overrides, run_mode=RunMode.MULTIRUN)
+
+
+def test_joblib_sweep_trains_one_ingredient_per_job_then_soups_them_all(tmp_path):
+    proc = sweep(tmp_path, "finetune.index=0,1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "tiny"
+    jobs = sorted((tmp_path / "multirun" / "tiny").glob("*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"]                           # two launcher jobs
+    metas = sorted((run_dir / "ingredients").glob("*.json"))
+    assert [m.name[:5] for m in metas] == ["ft000", "ft001"]              # one ingredient each
+    # the jobs ran in parallel and shared one linear probe: one computed it, the other waited and reused it
+    log = proc.stdout + proc.stderr
+    assert log.count("linear probe: held-out") == 1 and "linear probe: reusing" in log
+    assert {read_json(m)["base_fingerprint"] for m in metas} == {read_json(run_dir / "base" / "lp.json")["fingerprint"]}
+    results = read_json(run_dir / "results.json")                        # written by the after-sweep soup stage
+    assert results["methods"]["uniform"]["members"] == 2
+    assert results["methods"]["ensemble"]["members"] == 2
+    assert set(results["ingredients"]) == {m.stem for m in metas}
+    assert not list(tmp_path.rglob(FAILED_MARKER))
+
+
+def test_a_failed_job_leaves_a_marker_and_no_soup(tmp_path):
+    proc = sweep(tmp_path, "finetune.index=0,7")
+    assert proc.returncode != 0
+    assert "finetune.index=7: only 2 ingredients are defined" in proc.stderr
+    markers = list(tmp_path.rglob(FAILED_MARKER))
+    assert len(markers) == 1 and markers[0].parent.name == "1"
+    assert "finetune.index=7" in read_json(markers[0])["error"]
+    assert len(list((tmp_path / "tiny" / "ingredients").glob("*.json"))) == 1   # job 0's work is kept
+    assert not (tmp_path / "tiny" / "results.json").exists()
+
+
+def test_only_a_sweep_over_finetune_index_triggers_the_soup_stage():
+    assert sweeps_ingredients(multirun_cfg(["finetune.index=0,1"]))
+    assert sweeps_ingredients(multirun_cfg(["finetune.index=range(4)", "seed=3"]))
+    from_preset = multirun_cfg(["seed=0,1"])          # a preset can sweep in hydra.sweeper.params instead
+    from_preset.hydra.sweeper.params = {"finetune.index": "range(2)"}
+    assert sweeps_ingredients(from_preset)
+    assert not sweeps_ingredients(multirun_cfg(["seed=0,1"]))
+    assert not sweeps_ingredients(multirun_cfg(["finetune.index=3"]))
+    after = after_sweep_config(multirun_cfg(["finetune.index=0,1"]))
+    assert "hydra" not in after and after.finetune.index is None
+    assert list(after.stages) == ["soup", "evaluate", "report"]
