@@ -58,3 +58,16 @@ def test_unknown_key_is_rejected():
 def test_greedy_accept_setting_reaches_code(tmp_path):
     cfg = compose_cfg(['soup=[greedy]', 'soup.greedy.accept=">"'], tmp_path)
     assert instantiate(cfg.soup.greedy).keywords == {"accept": ">"}
+
+
+@pytest.mark.parametrize("launcher", ["local", "slurm"])
+def test_launcher_configs_compose_onto_the_plugins(launcher):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(soupbench.CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    plugin = {"local": "JoblibLauncher", "slurm": "SlurmLauncher"}[launcher]
+    assert cfg.hydra.launcher._target_.endswith(plugin)
+    assert instantiate(cfg.hydra.callbacks.soup_after_sweep).enabled is True
