@@ -42,8 +42,8 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: tor
         x = images[i:i + batch_size].to(device, non_blocking=True)
         with autocast(device):
             y = model(x) if state is None else functional_call(model, dict(state), (x,), strict=False)
-        out.append(y.float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+        out.append(y.float())                    # stays on the device: one copy back, not one sync per batch
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 def reduce_logits(logits: torch.Tensor, class_groups: list[list[int]] | None) -> torch.Tensor:
@@ -73,7 +73,8 @@ class Evaluator:
     the weights' fingerprint and the data's settings hash."""
 
     def __init__(self, model: nn.Module, data: DataBundle, cache_dir: str | Path | None, data_key: str,
-                 batch_size: int, device: torch.device, progress: bool = False) -> None:
+                 batch_size: int, device: torch.device, progress: bool = False,
+                 images_on_device: bool = False) -> None:
         self.model = model.to(device)
         self.data = data
         self.splits = data.eval_splits()
@@ -81,7 +82,18 @@ class Evaluator:
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
+        self.images_on_device = images_on_device and device.type == "cuda"
+        self._device_images: dict[str, torch.Tensor] = {}
         self._mem: dict[tuple[str, str], torch.Tensor] = {}
+
+    def images(self, split: str) -> torch.Tensor:
+        """The split's uint8 images, kept on the GPU after first use when `images_on_device` (greedy's many
+        passes then copy nothing from the host); on the host otherwise."""
+        if not self.images_on_device:
+            return self.splits[split].images
+        if split not in self._device_images:
+            self._device_images[split] = self.splits[split].images.to(self.device)
+        return self._device_images[split]
 
     def _cache_file(self, fp: str) -> Path | None:
         return self.cache_dir / f"{fp}.safetensors" if self.cache_dir else None
@@ -116,7 +128,6 @@ class Evaluator:
         return accuracy(self.logits(state, split, fp, cache), self.splits[split])
 
     def _predict(self, state: Mapping[str, torch.Tensor], split: str, progress: bool | None = None) -> torch.Tensor:
-        s = self.splits[split]
         state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
-        return predict(self.model, s.images, self.batch_size, self.device, state, desc=f"eval {split}",
+        return predict(self.model, self.images(split), self.batch_size, self.device, state, desc=f"eval {split}",
                        progress=self.progress if progress is None else progress)

@@ -64,7 +64,7 @@ class Run:
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes).to(self.device)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, self.run_dir / "logits", self.data_key,
-                                   cfg.eval.batch_size, self.device, self.progress)
+                                   cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device)
         self.base: dict[str, torch.Tensor] = {}
         self.base_fp = ""
 

@@ -80,6 +80,22 @@ def coefficient_weights(param: torch.Tensor, parameterisation: str, num_layers: 
     return torch.softmax(w / temperature, dim=0) if parameterisation == "simplex" else w
 
 
+def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Optimizer,
+               centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor], names: list[str],
+               buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, parameterisation: str,
+               temperature: float, max_grad_norm: float | None, use_autocast: bool = True) -> torch.Tensor:
+    """One optimiser step on the block's coefficients (what the benchmark times). Returns the loss on device,
+    so the caller decides when to synchronise."""
+    w = coefficient_weights(param, parameterisation, len(names), temperature)
+    loss, g = coefficient_gradient(model, centre, directions, w.detach(), names, buffers, x, y, use_autocast)
+    opt.zero_grad(set_to_none=True)
+    w.backward(g.to(w.dtype))
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
+    opt.step()
+    return loss
+
+
 def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str = "layer",
           block_size: int | None = None, centre: str = "first_block_mean", normalize_directions: bool = True,
           epochs: int = 5, batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0,
@@ -108,6 +124,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     dev = ctx.device
     use_autocast = dev.type == "cuda"
     heldout_x, heldout_y = ctx.heldout.images, ctx.heldout.labels
+    if dev.type == "cuda":          # uint8 held-out images live on the GPU for all inner steps
+        heldout_x, heldout_y = heldout_x.to(dev), heldout_y.to(dev)
     blocks = [ctx.ingredients[i:i + b] for i in range(0, K, b)]
 
     soup, coefs, losses, start = _resume(ctx, key)
@@ -141,21 +159,15 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
             for i in range(0, len(perm), batch_size):
                 idx = perm[i:i + batch_size]
                 x, y = heldout_x[idx].to(dev, non_blocking=True), heldout_y[idx].to(dev, non_blocking=True)
-                w = coefficient_weights(param, parameterisation, len(names), temperature)
-                loss, g = coefficient_gradient(ctx.model, centre_state, directions, w.detach(), names, buffers,
-                                               x, y, use_autocast)
-                opt.zero_grad(set_to_none=True)
-                w.backward(g.to(w.dtype))
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
-                opt.step()
+                loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
+                                  parameterisation, temperature, max_grad_norm, use_autocast)
                 sched.step()
-                block_losses.append(loss.item())
+                block_losses.append(loss)
         with torch.no_grad():
             w = coefficient_weights(param, parameterisation, len(names), temperature)
             soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w, names)}.items()}
         coefs.append(w.detach().cpu())
-        losses.append(block_losses)
+        losses.append(torch.stack(block_losses).tolist() if block_losses else [])
         del directions, centre_state
         _save_progress(ctx, key, soup, coefs, losses, bi + 1, settings)
         bar.update()
