@@ -61,15 +61,29 @@ def hyperparameter_configs(search: str, space: Mapping[str, Any], num_ingredient
 
 
 def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: float, batch_size: int,
-                 device: torch.device, progress: bool = False) -> dict[str, float]:
-    """Fit `model.head` by L2-regularised logistic regression (full-batch L-BFGS) on frozen features."""
+                 device: torch.device, progress: bool = False, init: str = "zeros") -> dict[str, float]:
+    """Fit `model.head` by L2-regularised logistic regression (full-batch L-BFGS) on frozen features.
+
+    `init`: `zeros`, or `backbone` to start from the head the backbone built (CLIP's zero-shot head).
+    max_iter=0 keeps the backbone's head as it is (no features are computed)."""
+    if init not in ("zeros", "backbone"):
+        raise ConfigError(f"finetune.linear_probe.init={init!r}: expected zeros or backbone")
     model.eval()
+    if max_iter == 0:
+        if init == "zeros":
+            raise ConfigError("finetune.linear_probe.max_iter=0 keeps the backbone's head: set "
+                              "finetune.linear_probe.init=backbone (e.g. CLIP's zero-shot head)")
+        return {"lp_skipped": True}
+    if len(train) == 0:
+        raise ConfigError("the linear probe needs training images but the dataset has none (dataset.num_train=0?): "
+                          "set finetune.linear_probe.max_iter=0 and init=backbone to start from the backbone's head")
     feats = predict(_FeatureView(model), train.images, batch_size, device, desc="LP features",
                     progress=progress).to(device)
     labels = train.labels.to(device)
     head = model.head
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
+    if init == "zeros":
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
                             line_search_fn="strong_wolfe")
 

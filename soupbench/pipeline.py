@@ -21,7 +21,7 @@ from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
-from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient
+from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
 from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
 from soupbench.soups import SoupContext, SoupResult
 
@@ -61,9 +61,11 @@ class Run:
         self.ingredient_dir = Path(cfg.ingredients.dir)
         self.progress = bool(cfg.progress)
         self.data: DataBundle = build(cfg.dataset)
-        self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes).to(self.device)
+        torch.manual_seed(cfg.seed)       # random-init backbones (tests, benchmarks) are the same in every process
+        self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
+                                       class_names=self.data.class_names).to(self.device)
         self.data_key = hash_settings(container(cfg.dataset))
-        self.evaluator = Evaluator(self.model, self.data, self.run_dir / "logits", self.data_key,
+        self.evaluator = Evaluator(self.model, self.data, cfg.eval.cache_dir, self.data_key,
                                    cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device)
         self.base: dict[str, torch.Tensor] = {}
         self.base_fp = ""
@@ -89,7 +91,7 @@ class Run:
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
-                             self.device, self.progress)
+                             self.device, self.progress, lp.init)
         self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.base_fp = fingerprint(self.base)
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
@@ -110,6 +112,9 @@ class Run:
 
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
+        if ft.import_from is not None:
+            self.import_stage(tracker)
+            return
         plan = self.planned_ingredients()
         if ft.index is not None:
             if not 0 <= ft.index < len(plan):
@@ -139,13 +144,31 @@ class Run:
         if rows:
             tracker.log_table("ingredients", ["id", "heldout_acc", *sorted(plan[0][1])], rows)
 
+    def import_stage(self, tracker: tracking.Tracker) -> None:
+        """Released checkpoints instead of fine-tuning (finetune.import_from)."""
+        from soupbench.importers import import_model_soups
+
+        imported = import_model_soups(self.cfg.finetune.import_from, self.ingredient_dir, self.base,
+                                      lambda s, fp: self.evaluator.accuracy(s, "heldout", fp), self.progress)
+        log.info("imported %d ingredients from %s", len(imported), self.cfg.finetune.import_from)
+        tracker.log_table("ingredients", ["id", "heldout_acc", "source"],
+                          [[g.id, g.heldout_acc, g.meta["source"]] for g in imported])
+
+    def planned_ids(self) -> list[str]:
+        if self.cfg.finetune.import_from is not None:
+            from soupbench.importers import _index
+
+            files = sorted(Path(self.cfg.finetune.import_from).glob("*.pt"), key=lambda p: (_index(p), p.name))
+            return [f"ms-{p.stem}" for p in files]
+        return [gid for gid, _, _ in self.planned_ingredients()]
+
     def selected_ingredients(self) -> list[Ingredient]:
         found = {g.id: g for g in list_ingredients(self.ingredient_dir)}
         select = self.cfg.ingredients.select
         if select == "all":
             chosen = list(found.values())
         elif select == "config":
-            ids = [gid for gid, _, _ in self.planned_ingredients()]
+            ids = self.planned_ids()
             missing = [gid for gid in ids if gid not in found]
             if missing:
                 raise ConfigError(f"{len(missing)} of {len(ids)} ingredients are not finished in "
@@ -154,6 +177,7 @@ class Run:
             chosen = [found[gid] for gid in ids]
         else:
             raise ConfigError(f"ingredients.select={select!r}: expected config or all")
+        chosen = restrict(chosen, self.cfg.ingredients.limit, self.cfg.ingredients.exclude_top)
         check_compatible(chosen, self.base)
         return chosen
 
@@ -234,6 +258,22 @@ class Run:
                    "base_fingerprint": self.base_fp, "config": container(self.cfg)}
         write_json(self.run_dir / "results.json", results)
         return results
+
+
+def restrict(ingredients: list[Ingredient], limit: int | None, exclude_top: int) -> list[Ingredient]:
+    """Ablations: the first `limit` ingredients (in their fixed order), then without the `exclude_top` best by
+    held-out accuracy (the MEHL-Soup paper's top-k elimination)."""
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"ingredients.limit={limit}: expected >= 1 or null")
+        ingredients = ingredients[:limit]
+    if exclude_top:
+        if not 0 <= exclude_top < len(ingredients):
+            raise ConfigError(f"ingredients.exclude_top={exclude_top}: {len(ingredients)} ingredients, at least one "
+                              "must remain")
+        top = {g.id for g in sort_by_heldout(ingredients)[:exclude_top]}
+        ingredients = [g for g in ingredients if g.id not in top]
+    return ingredients
 
 
 def ood_average(accs: dict[str, float], data: DataBundle) -> float | None:

