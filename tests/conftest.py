@@ -58,6 +58,19 @@ def make_store(directory: Path, k: int, scale: float = 0.05, seed: int = 0, mode
     return base, out
 
 
+CLIP_TEST_CONFIG = Path(__file__).parent / "fixtures" / "soupbench-test-clip.json"
+
+
+@pytest.fixture(scope="session")
+def clip_test_model() -> str:
+    """A tiny open_clip architecture (ViT, 2 layers, width 64, 32 px) registered through open_clip's own
+    config mechanism: the real CLIP code paths at test speed."""
+    import open_clip
+
+    open_clip.add_model_config(CLIP_TEST_CONFIG)
+    return CLIP_TEST_CONFIG.stem
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One real end-to-end run of the `tiny` preset (real lite0 weights, real MNIST), shared by tests."""
