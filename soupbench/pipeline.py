@@ -188,7 +188,7 @@ class Run:
 
     def soup_stage(self, ingredients: list[Ingredient]) -> None:
         bn = container(self.cfg.bn_recalibration)
-        for name, scfg in self.cfg.soup.items():
+        for name, scfg in selected_soups(self.cfg).items():
             settings = container(scfg)
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
@@ -232,7 +232,7 @@ class Run:
             ing_results[g.id] = {**accs, "ood_avg": ood_average(accs, self.data), "hyperparameters":
                                  g.meta.get("hyperparameters", {})}
         methods = {}
-        for name in self.cfg.soup:
+        for name in selected_soups(self.cfg):
             meta_path = self.run_dir / "soups" / f"{name}.json"
             if not meta_path.is_file():
                 raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
@@ -258,6 +258,18 @@ class Run:
                    "base_fingerprint": self.base_fp, "config": container(self.cfg)}
         write_json(self.run_dir / "results.json", results)
         return results
+
+
+def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
+    """The soup methods chosen with `soup=[...]`. A preset may also carry settings for methods the command
+    line then leaves out (`soup.learned.epochs` with `soup=[uniform]`): those have no `_target_` and are skipped."""
+    chosen = {name: node for name, node in cfg.soup.items() if "_target_" in node}
+    if not chosen:
+        raise ConfigError(f"no soup method selected (soup={list(cfg.soup)}): choose some, e.g. soup=[uniform,greedy]")
+    for name in cfg.soup:
+        if name not in chosen:
+            log.info("soup.%s: settings without a method (not in soup=[...]); skipped", name)
+    return chosen
 
 
 def restrict(ingredients: list[Ingredient], limit: int | None, exclude_top: int) -> list[Ingredient]:

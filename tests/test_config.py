@@ -71,3 +71,31 @@ def test_launcher_configs_compose_onto_the_plugins(launcher):
     plugin = {"local": "JoblibLauncher", "slurm": "SlurmLauncher"}[launcher]
     assert cfg.hydra.launcher._target_.endswith(plugin)
     assert instantiate(cfg.hydra.callbacks.soup_after_sweep).enabled is True
+
+
+def test_paper_presets_carry_the_paper_settings_and_only_their_soups(tmp_path):
+    from soupbench.pipeline import selected_soups
+
+    table = compose_cfg(["experiment=imagenet_vit_b32"], tmp_path)
+    assert table.backbone.model_name == "ViT-B-32-quickgelu" and table.dataset._target_.endswith("imagenet.load")
+    assert table.soup.mehl_plus.block_size == 18 and table.soup.mehl_plus.epochs == 5
+    assert table.soup.greedy.accept == ">" and table.finetune.linear_probe.max_iter == 0
+    assert len(selected_soups(table)) == 10
+    topk = compose_cfg(["experiment=mehl_ablation_topk"], tmp_path)
+    assert list(selected_soups(topk)) == ["greedy", "mehl_plus"]        # the table's other settings are inert
+    assert topk.name == "mehl_topk_0" and topk.ingredients.dir.endswith("imagenet_vit_b32/ingredients")
+    lodo = compose_cfg(["experiment=pacs_lodo", "dataset.leave_out=cartoon"], tmp_path)
+    assert lodo.name == "pacs_lodo_cartoon" and lodo.finetune.num_ingredients == 20
+
+
+@pytest.mark.parametrize("preset,key,values", [("mehl_ablation_topk", "ingredients.exclude_top", "0,2,22,42"),
+                                               ("mehl_ablation_block", "soup.mehl_plus.block_size", "6,12,18,24,36,72"),
+                                               ("pacs_lodo", "dataset.leave_out", "photo,art_painting,cartoon,sketch")])
+def test_ablation_presets_sweep_their_setting(preset, key, values):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(soupbench.CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params[key] == values

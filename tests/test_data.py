@@ -60,6 +60,31 @@ def test_pacs_loader_on_a_fixture_tree(tmp_path):
         pacs.load(str(tmp_path / "pacs"), **{**kw, "ood_domains": ["photo"]})
 
 
+def test_pacs_leave_one_domain_out(tmp_path):
+    write_tree(tmp_path / "pacs", list(pacs.DOMAINS), per_class=4)
+    kw = dict(image_size=16, id_domains=["photo"], ood_domains=["sketch"],
+              fractions={"train": 0.5, "heldout": 0.25, "test": 0.25}, split_seed=0, cache_dir=None)
+    b = pacs.load(str(tmp_path / "pacs"), **kw, leave_out="photo")
+    assert list(b.ood) == ["photo"]                                   # replaces id_domains / ood_domains
+    assert len(b.train) + len(b.heldout) + len(b.test) == 3 * 12 and len(b.ood["photo"]) == 12
+    with pytest.raises(ConfigError, match="dataset.leave_out='painting'"):
+        pacs.load(str(tmp_path / "pacs"), **kw, leave_out="painting")
+
+
+def test_cifar_folders_count_check_and_heldout(tmp_path):
+    from soupbench.data import cifar
+
+    write_tree(tmp_path / "c10", ["train", "test"], classes=[f"c{i}" for i in range(10)], per_class=4, size=8)
+    kw = dict(num_classes=10, image_size=8, heldout_fraction=0.25, split_seed=0, ood={}, cache_dir=None)
+    b = cifar.load(str(tmp_path / "c10"), check_counts=False, **kw)
+    assert len(b.train) == 30 and len(b.heldout) == 10 and len(b.test) == 40
+    assert b.heldout.labels.unique().numel() == 10                      # stratified: one per class
+    with pytest.raises(DataError, match="40 images, CIFAR-10 train has 50,000"):
+        cifar.load(str(tmp_path / "c10"), check_counts=True, **kw)
+    with pytest.raises(DataError, match="10 class folders, CIFAR-100 has 100"):
+        cifar.load(str(tmp_path / "c10"), check_counts=False, **{**kw, "num_classes": 100})
+
+
 def test_image_folder_mismatched_classes(tmp_path):
     write_tree(tmp_path, ["train", "val", "test"])
     b = load_image_folder_dataset(str(tmp_path), 16, "train", "val", "test", [], None)

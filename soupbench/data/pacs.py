@@ -15,7 +15,14 @@ DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
 
 
 def load(root: str, image_size: int, id_domains: list[str], ood_domains: list[str],
-         fractions: dict[str, float], split_seed: int, cache_dir: str | None) -> DataBundle:
+         fractions: dict[str, float], split_seed: int, cache_dir: str | None, leave_out: str | None = None
+         ) -> DataBundle:
+    """`leave_out` (leave-one-domain-out protocol): that domain is the OOD set, the other three are ID; it
+    replaces id_domains / ood_domains."""
+    if leave_out is not None:
+        if leave_out not in DOMAINS:
+            raise ConfigError(f"dataset.leave_out={leave_out!r}: expected one of {DOMAINS}")
+        id_domains, ood_domains = [d for d in DOMAINS if d != leave_out], [leave_out]
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(f"dataset.root: PACS folder not found: {root_path} (set dataset.root=/path/to/pacs)")
