@@ -10,7 +10,8 @@ selected by its config's `_target_` under `conf/soup/`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,23 @@ def is_averaged(t: torch.Tensor) -> bool:
     return t.is_floating_point()
 
 
+def stream_states(ingredients: list[Ingredient], device: str | torch.device = "cpu"
+                  ) -> Iterator[tuple[Ingredient, dict[str, torch.Tensor]]]:
+    """(ingredient, weights) in order, the next file loading in a background thread while the caller works on
+    the current one: on a GPU a ViT-B/32 load (~0.3 s) hides behind an evaluation pass (~0.4 s). At most two
+    states are alive at a time."""
+    if not ingredients:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="soupbench-load") as pool:
+        pending = pool.submit(ingredients[0].load, device)
+        for i, g in enumerate(ingredients):
+            state = pending.result()
+            if i + 1 < len(ingredients):
+                pending = pool.submit(ingredients[i + 1].load, device)
+            yield g, state
+            del state
+
+
 def average(ingredients: list[Ingredient], weights: list[float] | None = None,
             device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Weighted mean of the ingredients' state dicts, streamed: one ingredient in memory at a time,
@@ -62,8 +80,7 @@ def average(ingredients: list[Ingredient], weights: list[float] | None = None,
         weights = [1.0 / len(ingredients)] * len(ingredients)
     acc: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}
-    for g, w in zip(ingredients, weights, strict=True):
-        state = g.load(device)
+    for (_, state), w in zip(stream_states(ingredients, device), weights, strict=True):
         for k, v in state.items():
             if not is_averaged(v):
                 first.setdefault(k, v)

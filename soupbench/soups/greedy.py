@@ -11,8 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
+from soupbench.evaluate import accuracy
 from soupbench.ingredients import sort_by_heldout
-from soupbench.soups import SoupContext, SoupResult, is_averaged
+from soupbench.soups import SoupContext, SoupResult, is_averaged, stream_states
 
 
 def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:
@@ -25,12 +26,13 @@ def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:
     dtypes = {k: v.dtype for k, v in first_state.items()}
     total = {k: v.to(torch.float64) if is_averaged(v) else v for k, v in first_state.items()}
     members = [first.id]
-    best_acc = ctx.heldout_accuracy(first_state)
+    cached = ctx.ingredient_logits(first, "heldout")      # the pipeline has it already: no extra pass
+    best_acc = accuracy(cached, ctx.heldout) if cached is not None else ctx.heldout_accuracy(first_state)
     path = [{"id": first.id, "ingredient_heldout_acc": first.heldout_acc, "soup_heldout_acc": best_acc,
              "kept": True, "time_s": 0.0}]
     start = time.perf_counter()
-    for g in tqdm(order[1:], desc="greedy soup", disable=not ctx.progress, leave=False):
-        state = g.load(ctx.device)
+    tries = stream_states(order[1:], ctx.device)           # the next ingredient loads during this evaluation
+    for g, state in tqdm(tries, total=len(order) - 1, desc="greedy soup", disable=not ctx.progress, leave=False):
         n = len(members) + 1
         candidate = {k: ((total[k] + v) / n).to(v.dtype) if is_averaged(v) else v for k, v in state.items()}
         acc = ctx.heldout_accuracy(candidate)
