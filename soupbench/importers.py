@@ -48,6 +48,16 @@ def _index(path: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+def released_files(src_dir: str | Path) -> list[Path]:
+    """The `*.pt` checkpoints in `src_dir`, in the order of the number in their names (model_2 before model_10)."""
+    src = Path(src_dir)
+    return sorted(src.glob("*.pt"), key=lambda p: (_index(p), p.name)) if src.is_dir() else []
+
+
+def imported_id(path: Path) -> str:
+    return f"ms-{path.stem}"
+
+
 def import_model_soups(src_dir: str | Path, dst_dir: str | Path, template: Mapping[str, torch.Tensor],
                        heldout_accuracy: Callable[[dict[str, torch.Tensor], str], float], progress: bool = False
                        ) -> list[Ingredient]:
@@ -55,15 +65,14 @@ def import_model_soups(src_dir: str | Path, dst_dir: str | Path, template: Mappi
     one's held-out accuracy; already imported files are reused. torch.load runs with weights_only=True."""
     from tqdm.auto import tqdm
 
-    src = Path(src_dir)
-    files = sorted(src.glob("*.pt"), key=lambda p: (_index(p), p.name)) if src.is_dir() else []
+    files = released_files(src_dir)
     if not files:
-        raise CheckpointError(f"finetune.import_from: no *.pt checkpoints in {src}")
+        raise CheckpointError(f"finetune.import_from: no *.pt checkpoints in {src_dir}")
     done = {g.id: g for g in list_ingredients(dst_dir)}
     base_fp = f"model-soups:{fingerprint({k: v for k, v in template.items() if not k.startswith('head.')})}"
     out = []
     for path in tqdm(files, desc="import checkpoints", disable=not progress, leave=False):
-        gid = f"ms-{path.stem}"
+        gid = imported_id(path)
         if gid in done and done[gid].meta.get("source_size") == path.stat().st_size:
             out.append(done[gid])
             continue

@@ -156,10 +156,9 @@ class Run:
 
     def planned_ids(self) -> list[str]:
         if self.cfg.finetune.import_from is not None:
-            from soupbench.importers import _index
+            from soupbench.importers import imported_id, released_files
 
-            files = sorted(Path(self.cfg.finetune.import_from).glob("*.pt"), key=lambda p: (_index(p), p.name))
-            return [f"ms-{p.stem}" for p in files]
+            return [imported_id(p) for p in released_files(self.cfg.finetune.import_from)]
         return [gid for gid, _, _ in self.planned_ingredients()]
 
     def selected_ingredients(self) -> list[Ingredient]:

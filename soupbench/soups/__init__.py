@@ -74,7 +74,7 @@ def stream_states(ingredients: list[Ingredient], device: str | torch.device = "c
 
 def average(ingredients: list[Ingredient], weights: list[float] | None = None,
             device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Weighted mean of the ingredients' state dicts, streamed: one ingredient in memory at a time,
+    """Weighted mean of the ingredients' state dicts, streamed: two ingredients in memory at most (one loading),
     accumulated in float64 (then cast back) so the order of summation does not matter."""
     if weights is None:
         weights = [1.0 / len(ingredients)] * len(ingredients)
