@@ -14,6 +14,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from soupbench.data import DataBundle, Split
+from soupbench.errors import ConfigError
 from soupbench.io import fingerprint, load_weights, save_weights
 
 
@@ -74,7 +75,7 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, data: DataBundle, cache_dir: str | Path | None, data_key: str,
                  batch_size: int, device: torch.device, progress: bool = False,
-                 images_on_device: bool = False) -> None:
+                 images_on_device: str = "none") -> None:
         self.model = model.to(device)
         self.data = data
         self.splits = data.eval_splits()
@@ -82,14 +83,17 @@ class Evaluator:
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
-        self.images_on_device = images_on_device and device.type == "cuda"
+        if images_on_device not in ("none", "heldout", "all"):
+            raise ConfigError(f"eval.images_on_device={images_on_device!r}: expected none, heldout or all")
+        resident = {"none": set(), "heldout": {"heldout"}, "all": set(self.splits)}[images_on_device]
+        self.resident = resident if device.type == "cuda" else set()
         self._device_images: dict[str, torch.Tensor] = {}
         self._mem: dict[tuple[str, str], torch.Tensor] = {}
 
     def images(self, split: str) -> torch.Tensor:
-        """The split's uint8 images, kept on the GPU after first use when `images_on_device` (greedy's many
-        passes then copy nothing from the host); on the host otherwise."""
-        if not self.images_on_device:
+        """The split's uint8 images, kept on the GPU after first use for the resident splits (greedy's many
+        held-out passes then copy nothing from the host); on the host otherwise."""
+        if split not in self.resident:
             return self.splits[split].images
         if split not in self._device_images:
             self._device_images[split] = self.splits[split].images.to(self.device)

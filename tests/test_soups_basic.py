@@ -130,3 +130,19 @@ def test_stream_states_yields_in_order_and_loads_the_next_during_the_current(tmp
     when = {(kind, i): t for kind, i, t in events}
     for i in range(2):                    # ingredient i+1 was being loaded while i was being worked on
         assert when[("load", i + 1)] < when[("done", i)]
+
+
+def test_evaluator_keeps_images_on_the_device_only_on_a_gpu_and_only_as_asked(tmp_path):
+    from soupbench.data import DataBundle
+    from soupbench.errors import ConfigError
+    from soupbench.evaluate import Evaluator
+
+    split = random_split(16)
+    data = DataBundle(["a", "b", "c"], split, split, split)
+    cpu = Evaluator(tiny_model(), data, None, "k", 8, torch.device("cpu"), images_on_device="all")
+    assert cpu.resident == set() and cpu.images("heldout") is split.images
+    with pytest.raises(ConfigError, match="eval.images_on_device='yes'"):
+        Evaluator(tiny_model(), data, None, "k", 8, torch.device("cpu"), images_on_device="yes")
+    if torch.cuda.is_available():
+        gpu = Evaluator(tiny_model(), data, None, "k", 8, torch.device("cuda"), images_on_device="heldout")
+        assert gpu.images("heldout").is_cuda and not gpu.images("test").is_cuda
