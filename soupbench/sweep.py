@@ -58,8 +58,42 @@ class SoupAfterSweep(Callback):
         cfg = after_sweep_config(config)
         if not cfg.stages:
             return
+        launcher = config.hydra.launcher
+        if launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher."):
+            # on a cluster the launching process sits on a login node: the soups run as one more job, with the
+            # sweep's own resources (GPU, memory, partition), and this process waits for it
+            log.info("sweep finished: submitting the soup job for every ingredient in %s", cfg.ingredients.dir)
+            soup_job(launcher, cfg).result()
+            table = Path(cfg.paths.run_dir) / "results.txt"
+            if table.is_file():
+                print(table.read_text(), flush=True)
+            log.info("soup job done: %s", Path(cfg.paths.run_dir) / "results.json")
+            return
         log.info("sweep finished: building soups from every ingredient in %s", cfg.ingredients.dir)
         report_errors(run, cfg)
+
+
+def soup_job(launcher: DictConfig, cfg: DictConfig):
+    """Submit `run(cfg)` through submitit exactly as Hydra's submitit launcher submits the sweep's jobs
+    (same cluster kind and parameters), into `<sweep dir>/.submitit/soup`."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    from soupbench.pipeline import run
+
+    cluster = "slurm" if launcher._target_.endswith("SlurmLauncher") else "local"
+    params = OmegaConf.to_container(launcher, resolve=True)
+    params.pop("_target_")
+    folder = Path(params.pop("submitit_folder")).parent / "soup"
+    init = {f"{cluster}_max_num_timeout": params.pop("max_num_timeout")} if "max_num_timeout" in params else {}
+    base_keys = set(OmegaConf.structured(BaseQueueConf).keys())
+    params = {k if k in base_keys else f"{cluster}_{k}": v for k, v in params.items()}
+    params["name"] = f"{params.get('name', 'soupbench')}-soup"
+    if cluster == "slurm":
+        params.pop("slurm_array_parallelism", None)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster, **init)
+    executor.update_parameters(**params)
+    return executor.submit(run, cfg)
 
 
 def mark_failed(job_dir: str | Path, error: BaseException) -> None:

@@ -15,9 +15,9 @@ from soupbench.io import read_json
 from soupbench.sweep import FAILED_MARKER, after_sweep_config, sweeps_ingredients
 
 
-def sweep(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+def sweep(tmp: Path, *overrides: str, launcher: str = "local") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "soupbench.cli", "-m", "experiment=tiny", "logger=none",
-                           "progress=false", "hydra/launcher=local", f"paths.output_dir={tmp}",
+                           "progress=false", f"hydra/launcher={launcher}", f"paths.output_dir={tmp}",
                            "soup=[uniform,greedy,ensemble]", *overrides],
                           capture_output=True, text=True, cwd=tmp, timeout=600)
 
@@ -46,6 +46,17 @@ def test_joblib_sweep_trains_one_ingredient_per_job_then_soups_them_all(tmp_path
     assert results["methods"]["ensemble"]["members"] == 2
     assert set(results["ingredients"]) == {m.stem for m in metas}
     assert not list(tmp_path.rglob(FAILED_MARKER))
+
+
+def test_submitit_sweep_runs_the_soups_as_one_more_job(tmp_path):
+    """The SLURM code path through submitit's local executor: jobs and the soup job are real subprocesses."""
+    proc = sweep(tmp_path, "finetune.index=0,1", launcher="submitit_local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    soup_jobs = list((tmp_path / "multirun" / "tiny").glob("*/.submitit/soup/*_result.pkl"))
+    assert len(soup_jobs) == 1                                            # the soups ran as a submitit job
+    results = read_json(tmp_path / "tiny" / "results.json")
+    assert results["methods"]["uniform"]["members"] == 2
+    assert "uniform" in proc.stdout                                     # and the launcher printed the table
 
 
 def test_a_failed_job_leaves_a_marker_and_no_soup(tmp_path):
