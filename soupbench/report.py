@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from soupbench import plots
-from soupbench.io import read_json
+from soupbench.io import atomic_path, read_json
 from soupbench.tracking import Tracker
 
 
@@ -16,6 +16,16 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
     for name, m in results["methods"].items():
         rows.append([name, m["members"], *[m[s] for s in splits],
                      *([m["ood_avg"]] if results["ood_splits"] else []), m["soup_time_s"]])
+    return columns, rows
+
+
+def ingredient_rows(results: dict) -> tuple[list[str], list[list]]:
+    """One row per ingredient: accuracy on every split and its hyperparameters (the sweep at a glance)."""
+    splits = list(results["splits"])
+    hp_keys = sorted({k for g in results["ingredients"].values() for k in g.get("hyperparameters", {})})
+    columns = ["id", *splits, "ood_avg", *hp_keys]
+    rows = [[gid, *[g[s] for s in splits], g["ood_avg"], *[g.get("hyperparameters", {}).get(k) for k in hp_keys]]
+            for gid, g in results["ingredients"].items()]
     return columns, rows
 
 
@@ -37,9 +47,10 @@ def format_table(results: dict) -> str:
 def report(results: dict, run_dir: Path, tracker: Tracker) -> str:
     text = format_table(results)
     print(text, flush=True)
-    (run_dir / "results.txt").write_text(text + "\n")
-    columns, rows = table_rows(results)
-    tracker.log_table("results", columns, rows)
+    with atomic_path(run_dir / "results.txt") as tmp:
+        tmp.write_text(text + "\n")
+    tracker.log_table("results", *table_rows(results))
+    tracker.log_table("ingredient_results", *ingredient_rows(results))
     tracker.log_metrics({f"{name}/{k}": v for name, m in results["methods"].items() for k, v in m.items()
                          if isinstance(v, int | float)})
     figures = plots.all_plots(results, run_dir)

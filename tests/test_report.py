@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from soupbench.pipeline import run
@@ -29,6 +30,11 @@ def test_offline_wandb_run_holds_table_plots_and_soup(tiny_run, tmp_path, monkey
     files = {p.relative_to(runs[0]).as_posix() for p in runs[0].rglob("*") if p.is_file()}
     assert any(f.endswith(".wandb") for f in files)
     assert any("results_" in f and f.endswith(".table.json") for f in files), files
+    tables = [p for p in runs[0].rglob("ingredient_results_*.table.json")]
+    assert len(tables) == 1                                         # per-ingredient accuracies + hyperparameters
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:4] == ["id", "heldout", "test", "digits"] and "lr" in table["columns"]
+    assert sorted(r[0] for r in table["data"]) == sorted(results["ingredients"])
     assert any("id_vs_ood" in f and f.endswith(".png") for f in files), files
     log = next(runs[0].glob("*.wandb")).read_bytes()     # offline: the summary lives in the run's record log
     assert b"greedy/heldout" in log and b"soup-tiny-greedy" in log   # metrics and the soup artifact
