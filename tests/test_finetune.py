@@ -76,3 +76,34 @@ def test_augment_keeps_shape_and_dtype():
 def test_set_batchnorm_eval_counts():
     model = tiny_model().train()
     assert set_batchnorm_eval(model) == 1 and not model.encoder[1].training and model.encoder[0].training
+
+
+def test_linear_probe_init_keeps_or_refits_the_backbone_head():
+    model = tiny_model()
+    torch.nn.init.normal_(model.head.weight)
+    head = model.head.weight.detach().clone()
+    train = random_split(32)
+    assert linear_probe(model, train, 0, 1e-3, 16, torch.device("cpu"), init="backbone") == {"lp_skipped": True}
+    assert torch.equal(model.head.weight, head)                         # the zero-shot head is θ0 as it is
+    with pytest.raises(ConfigError, match="max_iter=0 keeps the backbone's head"):
+        linear_probe(model, train, 0, 1e-3, 16, torch.device("cpu"), init="zeros")
+    empty = random_split(0)
+    with pytest.raises(ConfigError, match="dataset has none"):
+        linear_probe(model, empty, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
+    linear_probe(model, train, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
+    assert not torch.equal(model.head.weight, head)                     # refitted, starting from it
+
+
+def test_ingredient_limit_and_top_k_elimination(tmp_path):
+    from soupbench.pipeline import restrict
+    from tests.conftest import make_store
+
+    _, store = make_store(tmp_path, 5)                       # held-out accuracy 50 + i: g04 is the best
+    assert [g.id for g in restrict(store, None, 0)] == [g.id for g in store]
+    assert [g.id for g in restrict(store, 3, 0)] == ["g00", "g01", "g02"]
+    assert [g.id for g in restrict(store, None, 2)] == ["g00", "g01", "g02"]      # g04, g03 eliminated
+    assert [g.id for g in restrict(store, 3, 1)] == ["g00", "g01"]               # the best of the first 3
+    with pytest.raises(ConfigError, match="ingredients.exclude_top=5"):
+        restrict(store, None, 5)
+    with pytest.raises(ConfigError, match="ingredients.limit=0"):
+        restrict(store, 0, 0)
