@@ -267,14 +267,7 @@ def bench_greedy(args, model, ings, pts, heldout, loader) -> dict:
 def block_setup(ings, model, dev, b, parameterisation):
     names = learned.learnable_names(model)
     states = [load_weights(g.path, dev) for g in ings[:b]]
-    if parameterisation == "simplex":
-        centre, buffers = None, learned._mean_buffers(states, names)
-        directions = learned._stack_directions(states, names, None, False)
-    else:
-        ref = learned._mean(states)
-        centre = {n: ref[n] for n in names}
-        buffers = {k: v for k, v in ref.items() if k not in centre}
-        directions = learned._stack_directions(states, names, centre, True)
+    centre, buffers, directions = learned.block_tensors(states, names, parameterisation, None, True)
     return names, centre, directions, buffers
 
 

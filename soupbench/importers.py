@@ -13,7 +13,7 @@ import torch
 
 from soupbench.errors import CheckpointError
 from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
-from soupbench.io import fingerprint
+from soupbench.io import fingerprint, require_finite
 
 KEY_MAP = (("model.visual.", "encoder.visual."), ("classification_head.", "head."))
 
@@ -82,9 +82,7 @@ def import_model_soups(src_dir: str | Path, dst_dir: str | Path, template: Mappi
             raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
         raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
         state = convert_model_soups_state(raw, template, path)
-        for k, v in state.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise CheckpointError(f"{path}: tensor '{k}' holds NaN or Inf values")
+        require_finite(state, path)
         fp = fingerprint(state)
         meta = {"source": str(path.resolve()), "source_size": path.stat().st_size, "fingerprint": fp,
                 "base_fingerprint": base_fp, "hyperparameters": {"index": _index(path)},

@@ -90,10 +90,15 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", ch
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
     if check_finite:
-        for k, v in tensors.items():
-            if v.is_floating_point() and not torch.isfinite(v).all():
-                raise CheckpointError(f"{path}: tensor '{k}' holds NaN or Inf values")
+        require_finite(tensors, path)
     return tensors
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """CheckpointError naming the file and tensor if any floating-point weight is NaN or Inf."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{path}: tensor '{k}' holds NaN or Inf values")
 
 
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -134,18 +134,14 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     for bi in range(start, len(blocks)):
         block = blocks[bi]
         states = [g.load(dev) for g in block]
-        if parameterisation == "simplex":
-            centre_state = None
-            buffers = _mean_buffers(states, names)
-            directions = _stack_directions(states, names, None, False)
+        if bi > 0:                                   # later blocks move around the soup so far
+            ref = {k: v.to(dev) for k, v in soup.items()}
+        elif centre == "base":
+            ref = {k: v.to(dev) for k, v in ctx.base.items()}
         else:
-            if bi == 0:
-                ref = _mean(states) if centre == "first_block_mean" else {k: v.to(dev) for k, v in ctx.base.items()}
-            else:
-                ref = {k: v.to(dev) for k, v in soup.items()}
-            centre_state = {n: ref[n] for n in names}
-            buffers = {k: v for k, v in ref.items() if k not in centre_state}
-            directions = _stack_directions(states, names, centre_state, normalize_directions)
+            ref = None                               # first_block_mean
+        centre_state, buffers, directions = block_tensors(states, names, parameterisation, ref,
+                                                          normalize_directions)
         del states
         num_p = (len(block), len(names)) if granularity == "layer" else (len(block),)
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
@@ -179,6 +175,22 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         "coefficient_min": coefficients.min().item(), "coefficient_max": coefficients.max().item(),
         "heldout_loss_per_block": [{"first": ls[0], "last": ls[-1]} for ls in losses if ls],
         "num_blocks": len(blocks)})
+
+
+def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], parameterisation: str,
+                  ref: Mapping[str, torch.Tensor] | None, normalize: bool
+                  ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(centre, buffers, stacked directions) of one loaded block; consumes `states`.
+
+    simplex: no centre, the models themselves are the directions, buffers = the block's mean. affine: the
+    directions are θ_i − c around `ref` (the block's mean when None), whose buffers are kept."""
+    if parameterisation == "simplex":
+        buffers = _mean_buffers(states, names)
+        return None, buffers, _stack_directions(states, names, None, False)
+    ref = _mean(states) if ref is None else ref
+    centre = {n: ref[n] for n in names}
+    buffers = {k: v for k, v in ref.items() if k not in centre}
+    return centre, buffers, _stack_directions(states, names, centre, normalize)
 
 
 def _stack_directions(states: list[dict[str, torch.Tensor]], names: list[str],
