@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soupbench.backbones import Classifier  # noqa: E402
 from soupbench.data import Split  # noqa: E402
-from soupbench.evaluate import accuracy, autocast, predict  # noqa: E402
+from soupbench.evaluate import accuracy, predict  # noqa: E402
 from soupbench.ingredients import Ingredient  # noqa: E402
 from soupbench.io import load_weights, save_weights, write_json  # noqa: E402
+from soupbench.runtime import autocast  # noqa: E402
 from soupbench.soups import SoupContext, greedy, learned  # noqa: E402
 
 PRESETS = {
@@ -267,7 +268,7 @@ def bench_greedy(args, model, ings, pts, heldout, loader) -> dict:
 def block_setup(ings, model, dev, b, parameterisation):
     names = learned.learnable_names(model)
     states = [load_weights(g.path, dev) for g in ings[:b]]
-    centre, buffers, directions = learned.block_tensors(states, names, parameterisation, None, True)
+    centre, buffers, directions, _ = learned.block_tensors(states, names, parameterisation, None, True)
     return names, centre, directions, buffers
 
 
@@ -295,7 +296,7 @@ def engine_steps(args, model, ings, b, parameterisation, x, y) -> float:
 
     def step():
         return learned.inner_step(model, param, opt, centre, directions, names, buffers, x, y, parameterisation,
-                                  1.0, 1.0, use_autocast=True)
+                                  1.0, 1.0, clip="model", precision="auto")
 
     step()
     _, t = timed(lambda: [step() for _ in range(args.steps)], args.device)

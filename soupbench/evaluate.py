@@ -3,8 +3,7 @@ ensemble, best-individual choice and repeated reports cost no extra forward pass
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -16,32 +15,21 @@ from tqdm.auto import tqdm
 from soupbench.data import DataBundle, Split
 from soupbench.errors import ConfigError
 from soupbench.io import fingerprint, load_weights, save_weights
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (the speed references assume it); plain fp32 on the CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from soupbench.runtime import autocast
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
             state: Mapping[str, torch.Tensor] | None = None, desc: str | None = None,
-            progress: bool = False) -> torch.Tensor:
-    """Logits (N, C) float32 on the CPU. `state` runs the model with other weights without copying them in."""
+            progress: bool = False, precision: str = "auto") -> torch.Tensor:
+    """Logits (N, C) float32 on the CPU. `state` runs the model with other weights without copying them in;
+    `precision` (auto | bf16 | fp32) sets the backbone's autocast, the head and logits are always fp32."""
     model.eval()
     out = []
     batches = range(0, len(images), batch_size)
     for i in tqdm(batches, desc=desc, disable=not progress, leave=False):
         x = images[i:i + batch_size].to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, precision):
             y = model(x) if state is None else functional_call(model, dict(state), (x,), strict=False)
         out.append(y.float())                    # stays on the device: one copy back, not one sync per batch
     return torch.cat(out).cpu() if out else torch.empty(0)
@@ -63,10 +51,17 @@ def accuracy(logits: torch.Tensor, split: Split) -> float:
     return 100.0 * (pred == split.labels).float().mean().item()
 
 
-def ensemble_logits(member_logits: list[torch.Tensor]) -> torch.Tensor:
-    """Output ensemble: log of the mean of the members' softmax probabilities."""
-    probs = torch.stack([F.softmax(x.float(), dim=1) for x in member_logits]).mean(0)
-    return probs.clamp_min(1e-12).log()
+def ensemble_logits(member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Output ensemble: log of the mean of the members' softmax probabilities, from a running sum (one member's
+    probabilities in memory at a time, not K stacked)."""
+    total, n = None, 0
+    for x in member_logits:
+        p = F.softmax(x.float(), dim=1)
+        total = p if total is None else total.add_(p)
+        n += 1
+    if total is None:
+        raise ValueError("ensemble_logits: no members")
+    return total.div_(n).clamp_min(1e-12).log()
 
 
 class Evaluator:
@@ -75,7 +70,7 @@ class Evaluator:
 
     def __init__(self, model: nn.Module, data: DataBundle, cache_dir: str | Path | None, data_key: str,
                  batch_size: int, device: torch.device, progress: bool = False,
-                 images_on_device: str = "none") -> None:
+                 images_on_device: str = "none", precision: str = "auto") -> None:
         self.model = model.to(device)
         self.data = data
         self.splits = data.eval_splits()
@@ -83,6 +78,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.device = device
         self.progress = progress
+        self.precision = precision
         if images_on_device not in ("none", "heldout", "all"):
             raise ConfigError(f"eval.images_on_device={images_on_device!r}: expected none, heldout or all")
         resident = {"none": set(), "heldout": {"heldout"}, "all": set(self.splits)}[images_on_device]
@@ -134,4 +130,4 @@ class Evaluator:
     def _predict(self, state: Mapping[str, torch.Tensor], split: str, progress: bool | None = None) -> torch.Tensor:
         state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
         return predict(self.model, self.images(split), self.batch_size, self.device, state, desc=f"eval {split}",
-                       progress=self.progress if progress is None else progress)
+                       progress=self.progress if progress is None else progress, precision=self.precision)

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from soupbench.backbones import Classifier, set_batchnorm_eval
 from soupbench.data import Split
 from soupbench.errors import ConfigError
-from soupbench.evaluate import autocast, predict
+from soupbench.evaluate import predict
 from soupbench.io import hash_settings
+from soupbench.runtime import autocast, cosine_with_warmup
 
 # ---------------------------------------------------------------------------------------------- search space
 
@@ -129,18 +130,6 @@ def augment(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
         flip = torch.rand(n, generator=gen) < 0.5
         out[flip] = out[flip].flip(-1)
     return out
-
-
-def cosine_with_warmup(total_steps: int, warmup_frac: float):
-    warmup = max(1, int(round(warmup_frac * total_steps)))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split, hp: Mapping[str, Any],

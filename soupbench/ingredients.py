@@ -7,6 +7,7 @@ the ingredient as finished: a weights file without it is an interrupted run and 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,14 @@ def save_ingredient(directory: str | Path, ingredient_id: str, state: Mapping[st
     return Ingredient(ingredient_id, path, {"id": ingredient_id, **meta})
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside names by value: model_2 before model_10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def list_ingredients(directory: str | Path) -> list[Ingredient]:
-    """Finished ingredients in `directory`, sorted by id."""
+    """Finished ingredients in `directory`, in natural id order (ms-model_2 before ms-model_10), the same order
+    as the released files and the config's plan, so block formation and seeds see one order."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
@@ -56,7 +63,7 @@ def list_ingredients(directory: str | Path) -> list[Ingredient]:
         if not weights.is_file():
             raise CheckpointError(f"{meta_path}: its weights file {weights.name} is missing")
         out.append(Ingredient(meta.get("id", meta_path.stem), weights, meta))
-    return out
+    return sorted(out, key=lambda g: natural_key(g.id))
 
 
 def sort_by_heldout(ingredients: list[Ingredient]) -> list[Ingredient]:

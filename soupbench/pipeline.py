@@ -19,10 +19,11 @@ from soupbench import report, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
-from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
+from soupbench.evaluate import Evaluator, accuracy, ensemble_logits
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
 from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.runtime import resolve_device
 from soupbench.soups import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
@@ -60,15 +61,49 @@ class Run:
         self.run_dir = Path(cfg.paths.run_dir)
         self.ingredient_dir = Path(cfg.ingredients.dir)
         self.progress = bool(cfg.progress)
+        self.check_heldout_protocol(None if cfg.dataset.get("heldout_index") is None else "index:")
         self.data: DataBundle = build(cfg.dataset)
         torch.manual_seed(cfg.seed)       # random-init backbones (tests, benchmarks) are the same in every process
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
                                        class_names=self.data.class_names).to(self.device)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, cfg.eval.cache_dir, self.data_key,
-                                   cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device)
+                                   cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device,
+                                   cfg.eval.precision)
+        self.warnings: list[str] = self.check_heldout_protocol(self.data.heldout_source)
         self.base: dict[str, torch.Tensor] = {}
         self.base_fp = ""
+
+    def check_heldout_protocol(self, source: str | None) -> list[str]:
+        """Imported ingredients must be selected on their own held-out images: the released model-soups
+        ingredients were fine-tuned on all of ImageNet train but the 26 images per class that
+        `imagenet_98_idxs.npy` flags, so any other held-out overlaps their training data by ~98 % and ranks
+        overfit ingredients high. Checked from the config before any data is read (`source` None: no index
+        file is set), and again from the loaded data. Returns the warnings the results must carry."""
+        ft = self.cfg.finetune
+        if ft.import_from is None or (source or "").startswith("index:"):
+            return []
+        shown = source or "not an index file"
+        if not ft.allow_foreign_heldout:
+            raise ConfigError(
+                f"finetune.import_from: the released ingredients were fine-tuned on ImageNet train minus the images "
+                f"flagged in model-soups' imagenet_98_idxs.npy, but this held-out is {shown!r} and overlaps their "
+                "training data: set dataset.heldout_index=/path/to/imagenet_98_idxs.npy "
+                "(or finetune.allow_foreign_heldout=true for a quick check; the results then say so)")
+        msg = (f"held-out is {shown!r}, not the imported ingredients' own (imagenet_98_idxs.npy): it overlaps "
+               "their training data, so greedy, best individual and learned coefficients are biased")
+        if source is not None:
+            log.warning(msg)
+        return [msg]
+
+    def heldout_acc(self, g: Ingredient) -> float:
+        """The ingredient's held-out accuracy on *this* data: the stored figure when it was measured on the same
+        data settings, else recomputed from the logit cache (a capped quick check and a full run can share a
+        run directory without ranking by the old subset)."""
+        if g.meta.get("heldout_data_key") != self.data_key:
+            acc = accuracy(self.ingredient_logits(g, "heldout"), self.data.heldout)
+            g.meta = {**g.meta, "heldout_acc": acc, "heldout_data_key": self.data_key}
+        return g.heldout_acc
 
     # ------------------------------------------------------------------------------------------ base (LP)
     def prepare_base(self) -> None:
@@ -126,6 +161,7 @@ class Run:
             meta_path = self.ingredient_dir / f"{gid}.json"
             if meta_path.is_file() and read_json(meta_path).get("base_fingerprint") == self.base_fp:
                 meta = read_json(meta_path)
+                meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
                 log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
             else:
                 t0 = time.perf_counter()
@@ -135,7 +171,7 @@ class Run:
                 state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
                 fp = fingerprint(state)
                 meta = {"hyperparameters": hp, "seed": seed, "fingerprint": fp, "base_fingerprint": self.base_fp,
-                        "heldout_acc": self.evaluator.accuracy(state, "heldout", fp),
+                        "heldout_acc": self.evaluator.accuracy(state, "heldout", fp), "heldout_data_key": self.data_key,
                         "train_time_s": time.perf_counter() - t0, "num_train_images": len(train), **stats}
                 save_ingredient(self.ingredient_dir, gid, state, meta)
                 log.info("ingredient %s: held-out %.2f%% in %.1fs  %s", gid, meta["heldout_acc"],
@@ -150,6 +186,8 @@ class Run:
 
         imported = import_model_soups(self.cfg.finetune.import_from, self.ingredient_dir, self.base,
                                       lambda s, fp: self.evaluator.accuracy(s, "heldout", fp), self.progress)
+        for g in imported:
+            self.heldout_acc(g)
         log.info("imported %d ingredients from %s", len(imported), self.cfg.finetune.import_from)
         tracker.log_table("ingredients", ["id", "heldout_acc", "source"],
                           [[g.id, g.heldout_acc, g.meta["source"]] for g in imported])
@@ -176,6 +214,8 @@ class Run:
             chosen = [found[gid] for gid in ids]
         else:
             raise ConfigError(f"ingredients.select={select!r}: expected config or all")
+        for g in chosen:
+            self.heldout_acc(g)
         chosen = restrict(chosen, self.cfg.ingredients.limit, self.cfg.ingredients.exclude_top)
         check_compatible(chosen, self.base)
         return chosen
@@ -200,13 +240,14 @@ class Run:
                 ingredients=ingredients, base=self.base, heldout=self.data.heldout,
                 model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
-                ingredient_logits=self.ingredient_logits, progress=self.progress)
+                ingredient_logits=self.ingredient_logits, progress=self.progress, data_key=self.data_key,
+                precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"))
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
             result: SoupResult = make_soup(ctx)
             if bn["enabled"] and result.state is not None and has_batchnorm(self.model):
-                images = self.data.train.images[:bn["num_images"]]
+                images = self.data.train.sample(bn["num_images"], bn["seed"]).images
                 result.state = recalibrate_batchnorm(self.model, result.state, images, bn["batch_size"], self.device)
                 result.info["bn_recalibrated_on"] = len(images)
             elapsed = time.perf_counter() - t0
@@ -254,7 +295,8 @@ class Run:
                              "peak_mem_mb": meta.get("peak_mem_mb")}
         results = {"name": self.cfg.name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
-                   "base_fingerprint": self.base_fp, "config": container(self.cfg)}
+                   "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
+                   "config": container(self.cfg)}
         write_json(self.run_dir / "results.json", results)
         return results
 
@@ -269,6 +311,17 @@ def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
         if name not in chosen:
             log.info("soup.%s: settings without a method (not in soup=[...]); skipped", name)
     return chosen
+
+
+def paper_figures(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Published figures to show beside ours: `report.paper`, updated by `report.paper_by` entries whose
+    setting has the value they name (e.g. the top-k elimination figures for ingredients.exclude_top=22)."""
+    out = {m: dict(v) for m, v in container(cfg.report.paper).items()}
+    for setting, by_value in container(cfg.report.paper_by).items():
+        value = OmegaConf.select(cfg, setting)
+        for method, figures in by_value.get(str(value), by_value.get(value, {})).items():
+            out[method] = dict(figures)          # the figures for this value replace the general ones
+    return out
 
 
 def restrict(ingredients: list[Ingredient], limit: int | None, exclude_top: int) -> list[Ingredient]:

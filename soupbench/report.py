@@ -10,12 +10,24 @@ from soupbench.tracking import Tracker
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list]]:
-    splits = list(results["splits"])
-    columns = ["method", "members", *splits, *(["ood_avg"] if results["ood_splits"] else []), "soup_s"]
+    """One row per method. A split with published figures (`results["paper"]`) gets a "paper" and a "Δ"
+    (ours − paper) column beside it; methods without a figure show None there."""
+    splits = [*results["splits"], *(["ood_avg"] if results["ood_splits"] else [])]
+    paper = results.get("paper") or {}
+    with_paper = [s for s in splits if any(s in figs for figs in paper.values())]
+    columns = ["method", "members"]
+    for s in splits:
+        columns += [s, f"{s} paper", f"{s} Δ"] if s in with_paper else [s]
+    columns.append("soup_s")
     rows = []
     for name, m in results["methods"].items():
-        rows.append([name, m["members"], *[m[s] for s in splits],
-                     *([m["ood_avg"]] if results["ood_splits"] else []), m["soup_time_s"]])
+        row = [name, m["members"]]
+        for s in splits:
+            row.append(m[s])
+            if s in with_paper:
+                ref = paper.get(name, {}).get(s)
+                row += [ref, None if ref is None or m[s] is None else m[s] - ref]
+        rows.append([*row, m["soup_time_s"]])
     return columns, rows
 
 
@@ -31,8 +43,7 @@ def ingredient_rows(results: dict) -> tuple[list[str], list[list]]:
 
 def format_table(results: dict) -> str:
     columns, rows = table_rows(results)
-    cells = [[c if isinstance(c, str) else (f"{c:.2f}" if isinstance(c, float) else str(c)) for c in r]
-             for r in rows]
+    cells = [[_cell(c, col) for c, col in zip(r, columns, strict=True)] for r in rows]
     widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) for i in range(len(columns))]
 
     def fmt(r: list[str]) -> str:
@@ -41,7 +52,18 @@ def format_table(results: dict) -> str:
     sizes = ", ".join(f"{k}={v}" for k, v in results["splits"].items())
     lines = [f"soupbench results: {results['name']}  (top-1 %, images: {sizes})", fmt(columns),
              fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)]
+    lines += [f"warning: {w}" for w in results.get("warnings", [])]
     return "\n".join(lines)
+
+
+def _cell(c, column: str) -> str:
+    if c is None:
+        return "-"
+    if isinstance(c, str):
+        return c
+    if isinstance(c, float):
+        return f"{c:+.2f}" if column.endswith(" Δ") else f"{c:.2f}"
+    return str(c)
 
 
 def report(results: dict, run_dir: Path, tracker: Tracker) -> str:

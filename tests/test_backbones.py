@@ -112,3 +112,27 @@ def test_timm_by_name_loads_a_local_file_and_its_preprocessing(tmp_path):
     assert torch.allclose(model.pixel_mean.flatten() / 255, torch.tensor([0.485, 0.456, 0.406]))
     with pytest.raises(CheckpointError, match="file not found"):
         create("resnet18", str(tmp_path / "missing.pth"), 7, None, None)
+
+
+def test_head_and_logits_stay_fp32_under_bf16_autocast(clip_test_model):
+    """At CLIP's logit scale (100) bf16 logits round classes 0.05 apart to one value; the head runs in fp32."""
+    from soupbench.evaluate import predict
+    from soupbench.runtime import autocast, use_bf16
+
+    torch.manual_seed(0)
+    names = [f"class {i}" for i in range(10)]
+    model = create_clip(clip_test_model, None, 10, [0.5] * 3, [0.5] * 3, True, ["a {}."], None, names).eval()
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    with torch.no_grad(), autocast(cpu, "bf16"):
+        out = model(x)
+        feats = model.features(x)
+    assert out.dtype == torch.float32 and feats.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(feats.float(), model.head.weight, model.head.bias))
+    assert predict(model, x, 8, cpu, precision="bf16").dtype == torch.float32
+    with torch.no_grad():
+        fp32 = model(x)
+    assert not torch.equal(out, fp32)                 # the backbone did run in bf16
+    assert use_bf16(torch.device("cuda"), "auto") and not use_bf16(cpu, "auto") and not use_bf16(cpu, "fp32")
+    with pytest.raises(ConfigError, match="eval.precision"):
+        use_bf16(cpu, "fp16")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from soupbench.data import mnist, pacs, stratified_split
+from soupbench.data import Split, mnist, pacs, stratified_split
 from soupbench.data.image_folder import load as load_image_folder_dataset
 from soupbench.errors import ConfigError, DataError
 
@@ -92,3 +92,15 @@ def test_image_folder_mismatched_classes(tmp_path):
     write_tree(tmp_path, ["shift"], classes=("dog", "cat"))
     with pytest.raises(DataError, match="differ"):
         load_image_folder_dataset(str(tmp_path), 16, "train", "val", "test", ["shift"], None)
+
+
+def test_sample_draws_from_the_whole_split_not_its_first_classes():
+    """BatchNorm re-estimation samples training images: splits are stored class by class, so the first n
+    images would be one class."""
+    labels = torch.arange(10).repeat_interleave(100)
+    split = Split("train", torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), labels)
+    s = split.sample(50, seed=0)
+    assert len(s) == 50 and len(s.labels.unique()) >= 8
+    assert torch.equal(s.labels, split.sample(50, seed=0).labels)
+    assert not torch.equal(s.labels, split.sample(50, seed=1).labels)
+    assert split.sample(5000, seed=0) is split

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -102,3 +104,32 @@ def test_missing_class_folder_or_mapping_is_named(tree, tmp_path):
     (on / "mappings" / "objectnet_to_imagenet_1k.json").unlink()
     with pytest.raises(DataError, match="objectnet_to_imagenet_1k.json"):
         ood_files("objectnet", on, False)
+
+
+def test_heldout_index_file_selects_exactly_the_flagged_images(tree, tmp_path):
+    """model-soups' imagenet_98_idxs.npy: one 0/1 flag per train image in sorted ImageFolder order."""
+    import numpy as np
+    from torchvision.datasets import ImageFolder
+
+    reference = ImageFolder(str(tree["imagenet"] / "train"), is_valid_file=lambda p: p.endswith(".png"))
+    flags = np.zeros(len(reference.samples), dtype=np.int64)
+    flags[::3] = 1
+    flags[7] = 1
+    index = tmp_path / "imagenet_98_idxs.npy"
+    np.save(index, flags)
+    files = imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(index))
+    flagged = {Path(reference.samples[i][0]) for i in np.flatnonzero(flags)}
+    assert set(files["heldout"][0]) == flagged
+    assert not set(files["train"][0]) & flagged
+    assert len(files["train"][0]) + len(files["heldout"][0]) == len(reference.samples)
+    labels = dict(zip(files["heldout"][0], files["heldout"][1], strict=True))
+    assert all(labels[Path(p)] == y for p, y in reference.samples if Path(p) in flagged)
+
+    np.save(index, flags[:-1])
+    with pytest.raises(DataError, match="imagenet_98_idxs.npy.*flags.*lists"):
+        imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(index))
+    np.save(index, flags * 2)
+    with pytest.raises(DataError, match="0 .train. or 1"):
+        imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(index))
+    with pytest.raises(DataError, match="heldout_index: file not found"):
+        imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(tmp_path / "missing.npy"))

@@ -32,12 +32,22 @@ def released_format(state: dict[str, torch.Tensor], noise: float, seed: int) -> 
 
 @pytest.fixture(scope="module")
 def imagenet_tree(tmp_path_factory):
-    return make_tree(tmp_path_factory.mktemp("in"))
+    """The ImageNet-family trees and, as model-soups ships it, an index of held-out train images (the first
+    of the three per class)."""
+    import numpy as np
+
+    tree = make_tree(tmp_path_factory.mktemp("in"))
+    flags = np.zeros(3 * 1000, dtype=np.int64)
+    flags[::3] = 1
+    tree["index"] = tree["imagenet"].parent / "imagenet_98_idxs.npy"
+    np.save(tree["index"], flags)
+    return tree
 
 
 def paper_cfg(tmp: Path, tree: dict[str, Path], ckpts: Path, clip: str, *extra: str):
     return compose_cfg([
         "experiment=imagenet_vit_b32", "logger=none", "device=cpu", f"paths.imagenet={tree['imagenet']}",
+        f"paths.model_soups_heldout_index={tree['index']}",
         f"paths.imagenet_shifts={tree['imagenet'].parent}", f"paths.model_soups_checkpoints={ckpts}",
         "dataset.check_counts=false", "dataset.image_size=32", "dataset.num_heldout=300", "dataset.num_test=300",
         f"backbone.model_name={clip}", "backbone.pretrained=null", "backbone.templates=simple_imagenet",
@@ -99,3 +109,22 @@ def test_checkpoints_of_another_shape_or_not_checkpoints_are_named(clip_test_mod
         import_model_soups(tmp_path / "src", tmp_path / "dst", template, lambda s, fp: 0.0)
     with pytest.raises(CheckpointError, match="no \\*.pt checkpoints"):
         import_model_soups(tmp_path / "empty", tmp_path / "dst", template, lambda s, fp: 0.0)
+
+
+def test_import_needs_the_ingredients_own_heldout(imagenet_tree, clip_test_model, tmp_path):
+    """The released ingredients never saw the index file's images; any other held-out overlaps their training
+    data, so it is refused before any data is read, or, when allowed for a quick check, flagged."""
+    from soupbench.errors import ConfigError
+
+    ckpts = tmp_path / "model_soups"
+    ckpts.mkdir()
+    cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model, "dataset.heldout_index=null")
+    with pytest.raises(ConfigError, match="dataset.heldout_index=.*allow_foreign_heldout"):
+        Run(cfg)
+    cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model, "dataset.heldout_index=null",
+                    "finetune.allow_foreign_heldout=true")
+    run_ = Run(cfg)
+    assert run_.warnings and "overlaps their training data" in run_.warnings[0]
+    assert run_.data.heldout_source.startswith("hash:")
+    ok = Run(paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model))
+    assert ok.warnings == [] and ok.data.heldout_source == "index:imagenet_98_idxs.npy"

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from soupbench.errors import ConfigError as ConfigErrorType
 from soupbench.evaluate import accuracy, predict
 from soupbench.ingredients import save_ingredient
 from soupbench.io import fingerprint
@@ -48,7 +49,7 @@ def test_coefficient_gradient_matches_autograd_through_all_models(parameterisati
 
     # engine: one forward/backward of the single soup, inner products, then the tiny coefficient graph
     w = coefficient_weights(param, parameterisation, len(names), temperature=0.7)
-    loss, g = coefficient_gradient(model, centre, dirs, w.detach(), names, buffers, x, y, use_autocast=False)
+    loss, g, _ = coefficient_gradient(model, centre, dirs, w.detach(), names, buffers, x, y, precision="fp32")
     (grad,) = torch.autograd.grad(w, param, g)
     torch.testing.assert_close(loss, loss_ref.detach())
     torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-12)
@@ -149,7 +150,8 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(ings[0]), "load", recording_load)
     resumed = learned.build(ctx, **kw)
-    assert loaded == [g.id for g in ings[2:]]            # blocks 0 and 1 were not redone
+    order = [i for blk in learned.block_order(len(ings), 1, 1, True, 0) for i in blk]
+    assert loaded == [ings[i].id for i in order[2:]]      # blocks 0 and 1 were not redone
     assert torch.equal(torch.tensor(resumed.info["coefficients"]), torch.tensor(full.info["coefficients"]))
     assert fingerprint(resumed.state) == fingerprint(full.state)
 
@@ -200,3 +202,158 @@ def test_bn_recalibration_gives_the_exact_statistics():
     torch.testing.assert_close(new["encoder.1.running_var"], conv.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
     assert torch.equal(new["encoder.0.weight"], state["encoder.0.weight"])       # weights untouched
     assert model.encoder[1].momentum == 0.1 and not model.encoder[1].training
+
+
+# ---------------------------------------------------------------------------------- the official code's protocol
+
+
+def official_groups(numels: list[int], layer_size: int) -> list[int]:
+    """MEHL_soup_layer.py's loop, verbatim in spirit: group sizes, then expanded to a group index per tensor."""
+    layers = [0]
+    for size in numels:
+        if layers[-1] > layer_size:
+            layers.append(size)
+        else:
+            layers[-1] += size
+    out, g, acc = [], 0, 0
+    for size in numels:
+        if acc + size > layers[g] and acc > 0:
+            g, acc = g + 1, 0
+        acc += size
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("layer_size", [0, 5, 100, 10**9])
+def test_coefficient_groups_follow_the_official_layer_size_rule(layer_size):
+    numels = [162, 6, 6, 6, 18, 3, 40, 1]
+    assert learned.coefficient_groups(numels, "layer", layer_size) == official_groups(numels, layer_size)
+    assert learned.coefficient_groups(numels, "model") == [0] * len(numels)
+    assert learned.coefficient_groups(numels, "layer", 0) == list(range(len(numels)))
+
+
+def test_model_wise_soup_stays_on_the_hyperplane_of_the_task_vectors(tmp_path):
+    """One α per model moves every tensor of τ_i by the same factor: soup − c = Σ α_i τ_i exactly (directions
+    normalised over the whole τ_i, not per tensor)."""
+    model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
+    res = learned.build(context(model, ings, heldout, tmp_path / "w"), "affine", "model", None, **SETTINGS)
+    names = res.info["layers"]
+    states = [g.load() for g in ings]
+    centre = {n: sum(s[n] for s in states) / len(states) for n in names}
+    taus = torch.stack([torch.cat([(s[n] - centre[n]).flatten() for n in names]) for s in states], 1)   # D × K
+    delta = torch.cat([(res.state[n] - centre[n]).flatten() for n in names])
+    alpha = torch.linalg.lstsq(taus.double(), delta.double()[:, None]).solution
+    residual = (taus.double() @ alpha).squeeze(1) - delta.double()
+    assert delta.norm() > 1e-3                                    # it moved
+    assert residual.norm() < 1e-5 * delta.norm()
+    # the reported effective weights are one number per model for every tensor
+    eff = torch.tensor(res.info["coefficients"])
+    torch.testing.assert_close(eff, eff[:, :1].expand_as(eff))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(parameterisation="affine", granularity="layer", block_size=2, num_passes=2),
+    dict(parameterisation="affine", granularity="model", block_size=3, num_passes=1, centre="base"),
+    dict(parameterisation="affine", granularity="layer", block_size=1, num_passes=2, layer_size=20),
+    dict(parameterisation="simplex", granularity="layer", block_size=None, layer_size=10, logit_scale="learned"),
+])
+def test_effective_weights_rebuild_the_soup(tmp_path, kw):
+    """Whatever the blocks, passes and groups: soup = Σ_i e_i θ_i + e_0 θ_0 per tensor, with the reported e."""
+    model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
+    ctx = context(model, ings, heldout, tmp_path / "w")
+    res = learned.build(ctx, **kw, **SETTINGS)
+    eff, e0 = torch.tensor(res.info["coefficients"], dtype=torch.float64), res.info["start_weight"]
+    states = [g.load() for g in ings]
+    for j, n in enumerate(res.info["layers"]):
+        ref = sum(eff[i, j] * states[i][n].double() for i in range(len(ings))) + e0[j] * ctx.base[n].double()
+        torch.testing.assert_close(res.state[n].double(), ref, rtol=1e-4, atol=1e-5)
+    passes = kw.get("num_passes", 1)
+    assert res.info["num_blocks"] == passes * -(-len(ings) // (kw["block_size"] or len(ings)))
+
+
+def test_blocks_are_shuffled_by_seed_and_reshuffled_each_pass():
+    a = learned.block_order(12, 4, 2, True, seed=0)
+    assert len(a) == 6 and sorted(sum(a[:3], [])) == list(range(12)) == sorted(sum(a[3:], []))
+    assert a == learned.block_order(12, 4, 2, True, seed=0)
+    assert a != learned.block_order(12, 4, 2, True, seed=1)
+    assert sum(a[:3], []) != sum(a[3:], [])                      # a new order for the second pass
+    assert learned.block_order(5, 2, 1, False, 0) == [[0, 1], [2, 3], [4]]
+
+
+def test_model_gradient_is_clipped_before_projection():
+    """MEHL-Soup clips ∇θL (norm 1) and projects the clipped gradient; clipping ∂L/∂α instead is different."""
+    torch.manual_seed(0)
+    model = tiny_model().double().eval()
+    names = learnable_names(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v for k, v in base.items() if k not in names}
+    dirs = {n: torch.randn(3, *base[n].shape, dtype=torch.float64) for n in names}
+    w = torch.zeros(3, len(names), dtype=torch.float64)
+    split = random_split(n=24)
+    theta = {n: base[n].clone().requires_grad_(True) for n in names}
+    loss = F.cross_entropy(functional_call(model, {**buffers, **theta}, (split.images,)), split.labels)
+    loss.backward()
+    raw_norm = torch.linalg.vector_norm(torch.stack([theta[n].grad.norm() for n in names]))
+    max_norm = float(raw_norm) / 4
+    torch.nn.utils.clip_grad_norm_([theta[n] for n in names], max_norm)
+    ref = torch.stack([dirs[n].flatten(1) @ theta[n].grad.flatten() for n in names], 1)
+    _, g, _ = coefficient_gradient(model, base, dirs, w, names, buffers, split.images, split.labels,
+                                   precision="fp32", clip_model_grad=max_norm)
+    torch.testing.assert_close(g, ref)
+    _, g_free, _ = coefficient_gradient(model, base, dirs, w, names, buffers, split.images, split.labels,
+                                        precision="fp32", clip_model_grad=1e9)
+    torch.testing.assert_close(g_free, ref * raw_norm / max_norm, rtol=1e-5, atol=1e-8)
+
+
+def test_learned_logit_scale_gradient_matches_autograd():
+    """model-soups' learned soup multiplies the logits by a learnable scalar β trained with the weights."""
+    torch.manual_seed(0)
+    model = tiny_model().double().eval()
+    names = learnable_names(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v for k, v in base.items() if k not in names}
+    dirs = {n: torch.stack([base[n] + 0.2 * torch.randn_like(base[n]) for _ in range(3)]) for n in names}
+    param = torch.randn(3, len(names), dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    split = random_split(n=24)
+    w_ref = coefficient_weights(param, "simplex", len(names), 1.0)
+    theta = {n: sum(w_ref[i, j] * dirs[n][i] for i in range(3)) for j, n in enumerate(names)}
+    loss_ref = F.cross_entropy(beta * functional_call(model, {**buffers, **theta}, (split.images,)), split.labels)
+    grad_ref, beta_ref = torch.autograd.grad(loss_ref, [param, beta])
+    w = coefficient_weights(param, "simplex", len(names), 1.0)
+    loss, g, beta_grad = coefficient_gradient(model, None, dirs, w.detach(), names, buffers, split.images,
+                                              split.labels, precision="fp32", logit_scale=beta)
+    (grad,) = torch.autograd.grad(w, param, g)
+    torch.testing.assert_close(loss, loss_ref.detach())
+    torch.testing.assert_close(grad, grad_ref)
+    torch.testing.assert_close(beta_grad, beta_ref)
+
+
+def test_official_learned_recipe_learns_the_scale_at_a_constant_rate(tmp_path):
+    model, heldout, ings = store_with_accuracies(tmp_path)
+    res = learned.build(context(model, ings, heldout, tmp_path / "w"), "simplex", "layer", None, epochs=2,
+                        batch_size=32, lr=0.05, schedule="constant", max_grad_norm=None, logit_scale="learned")
+    (blk,) = res.info["blocks"]
+    assert blk["logit_scale"] != 1.0                            # trained jointly
+    assert learned.lr_schedule("constant", 100, 0.2)(0) == learned.lr_schedule("constant", 100, 0.2)(99) == 1.0
+    with pytest.raises(ConfigErrorType, match="schedule"):
+        learned.build(context(model, ings, heldout, tmp_path / "x"), "simplex", "layer", None, schedule="step")
+
+
+def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
+    """A learned soup's progress from other data settings is not resumed."""
+    from soupbench.io import read_json
+
+    model, heldout, ings = store_with_accuracies(tmp_path)
+    kw = dict(parameterisation="affine", granularity="layer", block_size=2, **SETTINGS)
+    ctx = context(model, ings, heldout, tmp_path / "w")
+    ctx.data_key = "small"
+    learned.build(ctx, **kw)
+    assert read_json(ctx.work_dir / "progress.json")["next_block"] == 2
+    ctx.data_key = "full"
+    calls = []
+    original = type(ings[0]).load
+    monkeypatch.setattr(type(ings[0]), "load",
+                        lambda self, device="cpu": calls.append(self.id) or original(self, device))
+    learned.build(ctx, **kw)
+    assert len(calls) == len(ings)                               # everything recomputed for the new data

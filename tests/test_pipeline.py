@@ -135,3 +135,24 @@ def test_cli_prints_one_clear_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "soupbench: error:" in proc.stderr and f"{tmp_path}/x" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_heldout_accuracies_follow_the_data_settings(tiny_run, tmp_path):
+    """A stored ingredient accuracy from other data settings (a capped quick check, then a full run in the same
+    directory) is recomputed, so greedy order, best individual and exclude_top rank on this held-out."""
+    from soupbench.evaluate import accuracy
+    from soupbench.pipeline import Run
+
+    copy_of_run(tiny_run, tmp_path)
+    cfg = compose_cfg(["experiment=tiny", "logger=none", "dataset.num_heldout=40"], tmp_path)
+    run_ = Run(cfg)
+    run_.prepare_base()
+    chosen = run_.selected_ingredients()
+    assert len(run_.data.heldout) == 40
+    for g in chosen:
+        direct = accuracy(run_.evaluator.logits(g.load(), "heldout", g.fingerprint), run_.data.heldout)
+        assert g.heldout_acc == pytest.approx(direct)
+        assert g.meta["heldout_data_key"] == run_.data_key
+    metas = [read_json(p) for p in (tmp_path / "tiny" / "ingredients").glob("*.json")]
+    stored = {m["id"]: m["heldout_acc"] for m in metas}
+    assert any(stored[g.id] != pytest.approx(g.heldout_acc) for g in chosen)   # the old figures were stale

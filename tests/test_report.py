@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from soupbench.pipeline import run
 from tests.conftest import compose_cfg
 
@@ -40,3 +42,28 @@ def test_offline_wandb_run_holds_table_plots_and_soup(tiny_run, tmp_path, monkey
     assert b"greedy/heldout" in log and b"soup-tiny-greedy" in log   # metrics and the soup artifact
     assert b"num_ingredients" in log and b"search_seed" in log        # the composed config
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_paper_figures_and_deltas_beside_ours():
+    from omegaconf import OmegaConf
+
+    from soupbench.pipeline import paper_figures
+    from soupbench.report import format_table, table_rows
+
+    cfg = OmegaConf.create({"ingredients": {"exclude_top": 22}, "report": {
+        "paper": {"greedy": {"test": 81.03, "ood_avg": 50.75}, "uniform": {"test": 79.97}},
+        "paper_by": {"ingredients.exclude_top": {"22": {"greedy": {"test": 80.08}}}}}})
+    paper = paper_figures(cfg)
+    assert paper == {"greedy": {"test": 80.08}, "uniform": {"test": 79.97}}     # the k=22 figure replaces the rest
+    results = {"name": "t", "splits": {"heldout": 10, "test": 10, "v2": 10}, "ood_splits": ["v2"], "paper": paper,
+               "methods": {"greedy": {"heldout": 90.0, "test": 80.5, "v2": 60.0, "ood_avg": 60.0, "members": 3,
+                                      "soup_time_s": 1.0},
+                           "ensemble": {"heldout": 91.0, "test": 81.0, "v2": 61.0, "ood_avg": 61.0, "members": 4,
+                                        "soup_time_s": 0.0}},
+               "warnings": ["held-out overlaps"]}
+    columns, rows = table_rows(results)
+    assert columns == ["method", "members", "heldout", "test", "test paper", "test Δ", "v2", "ood_avg", "soup_s"]
+    assert rows[0][3:6] == [80.5, 80.08, pytest.approx(0.42)]
+    assert rows[1][4:6] == [None, None]
+    text = format_table(results)
+    assert "+0.42" in text and "80.08" in text and "warning: held-out overlaps" in text

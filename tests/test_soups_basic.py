@@ -146,3 +146,29 @@ def test_evaluator_keeps_images_on_the_device_only_on_a_gpu_and_only_as_asked(tm
     if torch.cuda.is_available():
         gpu = Evaluator(tiny_model(), data, None, "k", 8, torch.device("cuda"), images_on_device="heldout")
         assert gpu.images("heldout").is_cuda and not gpu.images("test").is_cuda
+
+
+def test_greedy_ensemble_accept_rule_and_running_sum(tmp_path):
+    """Members in held-out order; the candidate ensemble's accuracy from a running probability sum equals the
+    direct mean of the members' probabilities; `>` refuses a member that only ties."""
+    model = tiny_model()
+    heldout = random_split(n=48)
+    _, ings = make_store(tmp_path, 5, scale=0.3)
+    ctx = context(model, ings, heldout, tmp_path)
+    for accept in (">=", ">"):
+        res = ensemble.build(ctx, greedy=True, accept=accept)
+        order = sort_by_heldout(ings)
+        logits = {g.id: ctx.ingredient_logits(g, "heldout") for g in order}
+        kept, best = [order[0].id], accuracy(logits[order[0].id], heldout)
+        for step in res.info["path"][1:]:
+            acc = accuracy(ensemble_logits([logits[i] for i in [*kept, step["id"]]]), heldout)
+            assert step["ensemble_heldout_acc"] == pytest.approx(acc)
+            if (acc >= best) if accept == ">=" else (acc > best):
+                kept, best = [*kept, step["id"]], acc
+        assert res.members == kept and res.info["accept"] == accept
+    # a duplicate of the best ingredient ties exactly: kept with >=, refused with >
+    twin = save_ingredient(tmp_path, "twin", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.0})
+    first = save_ingredient(tmp_path, "first", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.5})
+    ctx2 = context(model, [first, twin], heldout, tmp_path / "b")
+    assert ensemble.build(ctx2, greedy=True, accept=">=").members == ["first", "twin"]
+    assert ensemble.build(ctx2, greedy=True, accept=">").members == ["first"]

@@ -32,7 +32,14 @@ class Classifier(nn.Module):
         return self.encoder(self.normalize(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+        """Under autocast the encoder runs in bf16 but the head and the logits stay fp32: at CLIP's logit scale
+        (100) bf16 logits round two classes 0.05 apart to the same value, which flips argmax ties."""
+        feats = self.features(images)
+        kind = feats.device.type
+        if torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return self.head(feats.float())
+        return self.head(feats)
 
 
 def set_batchnorm_eval(model: nn.Module) -> int:

@@ -40,11 +40,20 @@ class Split:
         return self if n is None or n >= len(self) else Split(self.name, self.images[:n], self.labels[:n],
                                                                 self.class_groups)
 
+    def sample(self, n: int, seed: int) -> Split:
+        """`n` images drawn at random (seeded, without replacement, kept in split order). Splits are stored
+        class by class (or domain by domain), so the first n would be one or two classes."""
+        if n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        return Split(self.name, self.images[idx], self.labels[idx], self.class_groups)
+
 
 @dataclass
 class DataBundle:
     """`classes`: the label names as stored (folder names, WNIDs); `class_names`: readable names for
-    zero-shot heads (default: `classes` with underscores as spaces)."""
+    zero-shot heads (default: `classes` with underscores as spaces); `heldout_source`: how the held-out split
+    was drawn, so imported ingredients can be checked against the held-out they were fine-tuned without."""
 
     classes: list[str]
     train: Split
@@ -52,6 +61,7 @@ class DataBundle:
     test: Split
     ood: dict[str, Split] = field(default_factory=dict)
     class_names: list[str] | None = None
+    heldout_source: str = "split"         # how held-out was chosen; "index:<file>" for a fixed index file
 
     def __post_init__(self) -> None:
         if self.class_names is None:

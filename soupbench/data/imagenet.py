@@ -1,9 +1,11 @@
 """ImageNet from local folders, and its five distribution shifts with the conventions of the model-soups
 papers:
 
-- ImageNet: `<root>/train/<wnid>/*`, `<root>/val/<wnid>/*` (1000 WNID folders). held-out = a deterministic
-  2 % of train chosen by a hash of each file's relative path (independent of listing order, disjoint from
-  the training images); the reported test set = the official val.
+- ImageNet: `<root>/train/<wnid>/*`, `<root>/val/<wnid>/*` (1000 WNID folders). held-out = the images an
+  index file flags (`heldout_index`: model-soups' `imagenet_98_idxs.npy`, one 0/1 flag per train image in
+  the sorted ImageFolder order, 26 per class: the "ImageNet2p" split the released ingredients were
+  fine-tuned without), or else a deterministic 2 % of train chosen by a hash of each file's relative path;
+  held-out images are always removed from train. The reported test set = the official val.
 - ImageNetV2 (matched frequency): `<dir>/<0..999>/*` (folders named by class index), 10,000 images.
 - ImageNet-R / ImageNet-A: `<dir>/<wnid>/*` with 200 of the 1000 WNIDs; scored on those 200 logits.
 - ImageNet-Sketch: `<dir>/<wnid>/*`, all 1000 classes, 50,889 images.
@@ -101,8 +103,28 @@ def _cap(paths: list[Path], labels: list[int], n: int | None, seed: int) -> tupl
     return [paths[i] for i in keep], [labels[i] for i in keep]
 
 
-def imagenet_splits(root: Path, heldout_fraction: float, split_seed: int, check_counts: bool
-                    ) -> dict[str, tuple[list[Path], list[int]]]:
+def read_heldout_index(path: Path, num_train: int) -> list[bool]:
+    """Flags of an index file such as model-soups' `imagenet_98_idxs.npy` (1 = held-out), checked against the
+    train listing it must describe."""
+    import numpy as np
+
+    if not path.is_file():
+        raise DataError(f"dataset.heldout_index: file not found: {path}")
+    try:
+        flags = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a .npy array of 0/1 flags (dataset.heldout_index): {e}") from e
+    flags = flags.reshape(-1)
+    if len(flags) != num_train:
+        raise DataError(f"{path}: {len(flags):,} flags, but the train folder lists {num_train:,} images; the index "
+                        "must hold one flag per train image in sorted ImageFolder order (dataset.heldout_index)")
+    if not np.isin(flags, (0, 1)).all():
+        raise DataError(f"{path}: flags must be 0 (train) or 1 (held-out) (dataset.heldout_index)")
+    return flags.astype(bool).tolist()
+
+
+def imagenet_splits(root: Path, heldout_fraction: float, split_seed: int, check_counts: bool,
+                    heldout_index: str | None = None) -> dict[str, tuple[list[Path], list[int]]]:
     """File lists of train (minus held-out), held-out and test (= val)."""
     wnids = imagenet_wnids()
     index = {w: i for i, w in enumerate(wnids)}
@@ -117,7 +139,10 @@ def imagenet_splits(root: Path, heldout_fraction: float, split_seed: int, check_
         _check_count(sub, root / sub, len(paths), check_counts)
         out[sub] = (paths, labels)
     paths, labels = out.pop("train")
-    held = [in_heldout(str(p.relative_to(root)), heldout_fraction, split_seed) for p in paths]
+    if heldout_index is not None:
+        held = read_heldout_index(Path(heldout_index), len(paths))
+    else:
+        held = [in_heldout(str(p.relative_to(root)), heldout_fraction, split_seed) for p in paths]
     out["heldout"] = ([p for p, h in zip(paths, held, strict=True) if h],
                       [y for y, h in zip(labels, held, strict=True) if h])
     out["train"] = ([p for p, h in zip(paths, held, strict=True) if not h],
@@ -195,7 +220,7 @@ def objectnet_mapping(folder: Path) -> dict[str, list[int]]:
 
 def load(root: str, image_size: int, heldout_fraction: float, split_seed: int, num_train: int | None,
          num_heldout: int | None, num_test: int | None, num_ood: int | None, ood: Mapping[str, str],
-         check_counts: bool, cache_dir: str | None, workers: int) -> DataBundle:
+         check_counts: bool, cache_dir: str | None, workers: int, heldout_index: str | None = None) -> DataBundle:
     """ImageNet + shifts as uint8 splits. `num_*` cap a split (null: all) with a fixed sample, for quick checks
     and for runs that only soup and evaluate imported ingredients (`num_train: 0`)."""
     if not 0 < heldout_fraction < 1:
@@ -204,7 +229,8 @@ def load(root: str, image_size: int, heldout_fraction: float, split_seed: int, n
     if not root_path.is_dir():
         raise DataError(f"dataset.root: ImageNet folder not found: {root_path} (set paths.imagenet=/path/to/imagenet "
                         "with train/ and val/ class folders)")
-    files = imagenet_splits(root_path, heldout_fraction, split_seed, check_counts)
+    files = imagenet_splits(root_path, heldout_fraction, split_seed, check_counts, heldout_index)
+    source = f"index:{Path(heldout_index).name}" if heldout_index else f"hash:{heldout_fraction}:{split_seed}"
     caps = {"train": num_train, "heldout": num_heldout, "test": num_test}
     splits = {name: _split(name, root_path, *_cap(*files[name], caps[name], split_seed), image_size, cache_dir,
                            workers) for name in ("train", "heldout", "test")}
@@ -216,4 +242,4 @@ def load(root: str, image_size: int, heldout_fraction: float, split_seed: int, n
         paths, labels = _cap(paths, labels, num_ood, split_seed)
         shifts[name] = _split(name, Path(folder), paths, labels, image_size, cache_dir, workers, groups, border)
     return DataBundle(imagenet_wnids(), splits["train"], splits["heldout"], splits["test"], shifts,
-                      class_names=imagenet_class_names())
+                      class_names=imagenet_class_names(), heldout_source=source)

@@ -34,6 +34,9 @@ class SoupContext:
     heldout_accuracy: Callable[[Mapping[str, torch.Tensor]], float]   # uncached, for one-off candidates
     ingredient_logits: Callable[[Ingredient, str], torch.Tensor]       # cached held-out logits
     progress: bool = False
+    data_key: str = ""                     # settings hash of the data: resume state is valid for this data only
+    precision: str = "auto"                # eval.precision, for the learned soups' forward passes
+    heldout_images: torch.Tensor | None = None   # the evaluator's copy (on the GPU when resident), shared
 
 
 @dataclass

@@ -3,17 +3,25 @@
     θ_l = c_l + Σ_i w_{i,l} d_{i,l}
 
 - parameterisation `simplex` (learned soup): c = 0, d_i = θ_i, w = softmax(β / T) over the models.
-  `affine` (HL-Soup): d_i = θ_i − c (optionally unit-normalised per layer), w = α unconstrained, so the soup
+  `affine` (HL-Soup): d_i = θ_i − c, unit-normalised per coefficient group, w = α unconstrained, so the soup
   may extrapolate beyond the ingredients.
-- granularity `model`: one coefficient per model; `layer` (the "+" variants): one per (model, tensor).
-- block_size b: b = K (null) learns all models at once; b < K is MEHL's block coordinate descent: each
-  block of b models is loaded, its coefficients learned around the current soup, folded in, and freed.
+- granularity `model`: one coefficient per model; `layer` (the "+" variants): one per (model, group of
+  consecutive tensors), a group closing once it holds more than `layer_size` parameters (0: one per tensor).
+  Directions are normalised over the same groups, so a model-wise soup stays on the hyperplane spanned by
+  the task vectors (one α moves every tensor of τ_i by the same factor).
+- block_size b: b = K (null) learns all models at once; b < K is MEHL-Soup's block coordinate descent: the
+  models are shuffled (`shuffle_models`), cut into blocks of b, each block's coefficients learned around the
+  current soup, folded in, and freed; `num_passes` passes over the models ("model epochs").
 
 Why it fits in memory: ∂L/∂w_{i,l} = <∇_{θ_l} L(θ), d_{i,l}>. One forward/backward of the single soup gives
 ∇θL; the coefficients' gradients are one GEMV per tensor against the block's stacked directions, pushed
 through the (tiny) softmax/identity graph of the coefficients. No graph through K models is ever built, and
 only the current block's directions are in memory. After every block the soup, the coefficients and the
 settings are saved, so a killed run resumes from its last finished block.
+
+Official-code details each kept as a setting: MEHL-Soup clips the model gradient ∇θL to norm 1 before
+projecting it (`clip: model`); model-soups' learned soup+ learns a logit scale jointly with the mixing
+weights (`logit_scale: learned`) at a constant lr (`schedule: constant`) without clipping.
 
 Buffers (BatchNorm running statistics) are not learned: they come from the centre (affine) or the uniform
 mean of the block (simplex); re-estimate them on training data with `bn_recalibration` where they matter.
@@ -30,15 +38,32 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
-from soupbench.evaluate import autocast
-from soupbench.finetune import cosine_with_warmup
 from soupbench.io import hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.runtime import autocast, lr_schedule
 from soupbench.soups import SoupContext, SoupResult, is_averaged
 
 
 def learnable_names(model: torch.nn.Module) -> list[str]:
     """The tensors that get coefficients: the model's floating-point parameters, in module order."""
     return [n for n, p in model.named_parameters() if p.is_floating_point()]
+
+
+def coefficient_groups(numels: list[int], granularity: str, layer_size: int = 0) -> list[int]:
+    """Group index of every learnable tensor. `model`: one group. `layer`: consecutive tensors share a group
+    until it holds more than `layer_size` parameters (the MEHL-Soup code's rule; 0 gives one per tensor)."""
+    if granularity == "model":
+        return [0] * len(numels)
+    if granularity != "layer":
+        raise ConfigError(f"granularity={granularity!r}: expected model or layer")
+    if layer_size < 0:
+        raise ConfigError(f"layer_size={layer_size}: expected >= 0")
+    out, g, acc = [], 0, 0
+    for i, n in enumerate(numels):
+        if i > 0 and acc > layer_size:
+            g, acc = g + 1, 0
+        acc += n
+        out.append(g)
+    return out
 
 
 def combine(centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor],
@@ -58,152 +83,246 @@ def combine(centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, 
 def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tensor] | None,
                          directions: Mapping[str, torch.Tensor], weights: torch.Tensor, names: list[str],
                          buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                         use_autocast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and G = ∂L/∂w (b × L) from one forward/backward of the single soup model.
+                         precision: str = "auto", clip_model_grad: float | None = None,
+                         logit_scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Loss, G = ∂L/∂w (b × L) and ∂L/∂(logit scale) from one forward/backward of the single soup model.
 
-    The soup's tensors are fresh leaves (not views of one flat vector, which is 3x slower: GUIDE §5)."""
+    `clip_model_grad` rescales ∇θL to at most that global norm before it is projected (MEHL-Soup's
+    clip_grad_norm_ on the model); the factor is applied to the projections, which is the same by linearity
+    and costs no second pass. The soup's tensors are fresh leaves, not views of one flat vector (taking the
+    gradient through views of one flat vector was 3x slower per step on a ViT-B/32)."""
     with torch.no_grad():
         theta = {n: t.requires_grad_(True) for n, t in combine(centre, directions, weights, names).items()}
-    with autocast(x.device, use_autocast):
+    with autocast(x.device, precision):
         logits = functional_call(model, {**buffers, **theta}, (x,), strict=False)
-    loss = F.cross_entropy(logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits, y)
-    grads = torch.autograd.grad(loss, [theta[n] for n in names])
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    loss = F.cross_entropy(logits, y)
+    leaves = [theta[n] for n in names] + ([logit_scale] if logit_scale is not None else [])
+    grads = torch.autograd.grad(loss, leaves)
+    scale_grad = grads[-1] if logit_scale is not None else None
+    grads = grads[:len(names)]
     g = torch.stack([directions[n].flatten(1) @ gr.flatten().to(directions[n].dtype)
                      for n, gr in zip(names, grads, strict=True)], dim=1)
-    return loss.detach(), g
+    if clip_model_grad:
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float()) for gr in grads]))
+        g = g * (clip_model_grad / (total + 1e-6)).clamp(max=1.0).to(g.dtype)   # torch's clip_grad_norm_ rule
+    return loss.detach(), g, scale_grad
 
 
-def coefficient_weights(param: torch.Tensor, parameterisation: str, num_layers: int, temperature: float
-                        ) -> torch.Tensor:
-    """Learned parameters -> mixing weights (b × L): identity (affine) or softmax over models (simplex)."""
-    w = param if param.ndim == 2 else param[:, None].expand(-1, num_layers)
+def coefficient_weights(param: torch.Tensor, parameterisation: str, group_of: torch.Tensor | int,
+                        temperature: float) -> torch.Tensor:
+    """Learned parameters (b × G) -> mixing weights (b × L): identity (affine) or softmax over models (simplex),
+    each tensor taking its group's coefficient. `group_of` is the group index per tensor (an int L means
+    one group per tensor when param is 2-D, or one per model when param is 1-D)."""
+    if isinstance(group_of, int):
+        w = param if param.ndim == 2 else param[:, None].expand(-1, group_of)
+    else:
+        w = (param if param.ndim == 2 else param[:, None])[:, group_of]
     return torch.softmax(w / temperature, dim=0) if parameterisation == "simplex" else w
 
 
 def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Optimizer,
                centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor], names: list[str],
                buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, parameterisation: str,
-               temperature: float, max_grad_norm: float | None, use_autocast: bool = True) -> torch.Tensor:
-    """One optimiser step on the block's coefficients (what the benchmark times). Returns the loss on device,
-    so the caller decides when to synchronise."""
-    w = coefficient_weights(param, parameterisation, len(names), temperature)
-    loss, g = coefficient_gradient(model, centre, directions, w.detach(), names, buffers, x, y, use_autocast)
+               temperature: float, max_grad_norm: float | None, clip: str = "model", precision: str = "auto",
+               group_of: torch.Tensor | int | None = None, logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimiser step on the block's coefficients (and the logit scale, when learned): what the benchmark
+    times. Returns the loss on the device, so the caller decides when to synchronise."""
+    w = coefficient_weights(param, parameterisation, len(names) if group_of is None else group_of, temperature)
+    loss, g, scale_grad = coefficient_gradient(model, centre, directions, w.detach(), names, buffers, x, y, precision,
+                                               max_grad_norm if clip == "model" else None, logit_scale)
     opt.zero_grad(set_to_none=True)
     w.backward(g.to(w.dtype))
-    if max_grad_norm:
+    if logit_scale is not None:
+        logit_scale.grad = scale_grad
+    if max_grad_norm and clip == "coefficients":
         torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
     opt.step()
     return loss
 
 
+def block_order(num_models: int, block_size: int, num_passes: int, shuffle: bool, seed: int) -> list[list[int]]:
+    """Blocks of ingredient indices, pass after pass; each pass reshuffles the models (MEHL-Soup shuffles
+    before cutting blocks) with a generator seeded by `seed`, so the blocks do not depend on file order."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(num_passes):
+        order = torch.randperm(num_models, generator=gen).tolist() if shuffle else list(range(num_models))
+        blocks += [order[i:i + block_size] for i in range(0, num_models, block_size)]
+    return blocks
+
+
 def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str = "layer",
-          block_size: int | None = None, centre: str = "first_block_mean", normalize_directions: bool = True,
-          epochs: int = 5, batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0,
-          warmup_frac: float = 0.2, max_grad_norm: float | None = 1.0, temperature: float = 1.0,
-          init: float = 0.0, seed: int = 0) -> SoupResult:
+          block_size: int | None = None, layer_size: int = 0, num_passes: int = 1, shuffle_models: bool = True,
+          centre: str = "first_block_mean", normalize_directions: bool = True, epochs: int = 5,
+          batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0, schedule: str = "cosine",
+          warmup_frac: float = 0.2, max_grad_norm: float | None = 1.0, clip: str = "model",
+          logit_scale: str = "fixed", temperature: float = 1.0, init: float = 0.0, seed: int = 0) -> SoupResult:
     K = len(ctx.ingredients)
     b = K if block_size is None else int(block_size)
     if parameterisation not in ("simplex", "affine"):
         raise ConfigError(f"parameterisation={parameterisation!r}: expected simplex or affine")
-    if granularity not in ("model", "layer"):
-        raise ConfigError(f"granularity={granularity!r}: expected model or layer")
     if centre not in ("first_block_mean", "base"):
         raise ConfigError(f"centre={centre!r}: expected first_block_mean or base")
+    if clip not in ("model", "coefficients"):
+        raise ConfigError(f"clip={clip!r}: expected model (clip ∇θL before projecting) or coefficients")
+    if logit_scale not in ("fixed", "learned"):
+        raise ConfigError(f"logit_scale={logit_scale!r}: expected fixed or learned")
     if b < 1:
         raise ConfigError(f"block_size={block_size}: must be >= 1")
-    if parameterisation == "simplex" and b < K:
-        raise ConfigError("parameterisation=simplex learns all models at once: set block_size=null "
-                          "(block coordinate descent needs the affine parameterisation)")
-    settings = dict(parameterisation=parameterisation, granularity=granularity, block_size=b, centre=centre,
-                    normalize_directions=normalize_directions, epochs=epochs, batch_size=batch_size, lr=lr,
-                    weight_decay=weight_decay, warmup_frac=warmup_frac, max_grad_norm=max_grad_norm,
-                    temperature=temperature, init=init, seed=seed)
-    key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ctx.ingredients]})
+    if num_passes < 1:
+        raise ConfigError(f"num_passes={num_passes}: must be >= 1")
+    if parameterisation == "simplex" and (b < K or num_passes > 1):
+        raise ConfigError("parameterisation=simplex learns all models at once: set block_size=null and "
+                          "num_passes=1 (block coordinate descent needs the affine parameterisation)")
     ctx.model.eval()
     names = learnable_names(ctx.model)
+    params = dict(ctx.model.named_parameters())
+    groups = coefficient_groups([params[n].numel() for n in names], granularity, layer_size)
+    num_groups = max(groups) + 1
+    lr_schedule(schedule, 1, warmup_frac)                       # names a bad schedule before any work
+    settings = dict(parameterisation=parameterisation, granularity=granularity, layer_size=layer_size,
+                    block_size=b, num_passes=num_passes, shuffle_models=shuffle_models, centre=centre,
+                    normalize_directions=normalize_directions, epochs=epochs, batch_size=batch_size, lr=lr,
+                    weight_decay=weight_decay, schedule=schedule, warmup_frac=warmup_frac,
+                    max_grad_norm=max_grad_norm, clip=clip, logit_scale=logit_scale, temperature=temperature,
+                    init=init, seed=seed)
+    key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ctx.ingredients],
+                         "data": ctx.data_key, "precision": ctx.precision})
     dev = ctx.device
-    use_autocast = dev.type == "cuda"
-    heldout_x, heldout_y = ctx.heldout.images, ctx.heldout.labels
-    if dev.type == "cuda":          # uint8 held-out images live on the GPU for all inner steps
+    heldout_x = ctx.heldout_images if ctx.heldout_images is not None else ctx.heldout.images
+    heldout_y = ctx.heldout.labels.to(heldout_x.device)
+    if dev.type == "cuda" and heldout_x.device.type != "cuda":   # uint8 held-out images on the GPU for all steps
         heldout_x, heldout_y = heldout_x.to(dev), heldout_y.to(dev)
-    blocks = [ctx.ingredients[i:i + b] for i in range(0, K, b)]
+    group_of = torch.tensor(groups, device=dev)
+    blocks = block_order(K, b, num_passes, shuffle_models and parameterisation == "affine", seed)
 
-    soup, coefs, losses, start = _resume(ctx, key)
+    state = _resume(ctx, key, len(names))
+    soup, raw, losses, start = state["soup"], state["raw"], state["losses"], state["next_block"]
+    eff_models, eff_base = state["effective"], state["effective_base"]
     bar = tqdm(total=len(blocks), initial=start, desc=f"learned soup ({parameterisation}, b={b})",
                disable=not ctx.progress, leave=False)
     for bi in range(start, len(blocks)):
         block = blocks[bi]
-        states = [g.load(dev) for g in block]
-        if bi > 0:                                   # later blocks move around the soup so far
+        states = [ctx.ingredients[i].load(dev) for i in block]
+        if bi > 0:                                   # later blocks and passes move around the soup so far
             ref = {k: v.to(dev) for k, v in soup.items()}
         elif centre == "base":
             ref = {k: v.to(dev) for k, v in ctx.base.items()}
         else:
             ref = None                               # first_block_mean
-        centre_state, buffers, directions = block_tensors(states, names, parameterisation, ref,
-                                                          normalize_directions)
+        centre_state, buffers, directions, norms = block_tensors(states, names, parameterisation, ref,
+                                                                 normalize_directions, groups)
         del states
-        num_p = (len(block), len(names)) if granularity == "layer" else (len(block),)
+        num_p = (len(block), num_groups) if granularity == "layer" else (len(block),)
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
-        opt = torch.optim.AdamW([param], lr=lr, weight_decay=weight_decay)
+        scale = torch.ones((), device=dev, requires_grad=True) if logit_scale == "learned" else None
+        opt = torch.optim.AdamW([param] + ([scale] if scale is not None else []), lr=lr, weight_decay=weight_decay)
         steps_per_epoch = math.ceil(len(heldout_y) / batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(epochs * steps_per_epoch, warmup_frac))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(schedule, epochs * steps_per_epoch, warmup_frac))
         gen = torch.Generator().manual_seed(seed * 100_003 + bi)
         block_losses = []
         for _ in range(epochs):
-            perm = torch.randperm(len(heldout_y), generator=gen)
+            perm = torch.randperm(len(heldout_y), generator=gen).to(heldout_x.device)
             for i in range(0, len(perm), batch_size):
                 idx = perm[i:i + batch_size]
                 x, y = heldout_x[idx].to(dev, non_blocking=True), heldout_y[idx].to(dev, non_blocking=True)
                 loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
-                                  parameterisation, temperature, max_grad_norm, use_autocast)
+                                  parameterisation, temperature, max_grad_norm, clip, ctx.precision, group_of, scale)
                 sched.step()
                 block_losses.append(loss)
         with torch.no_grad():
-            w = coefficient_weights(param, parameterisation, len(names), temperature)
+            w = coefficient_weights(param, parameterisation, group_of, temperature)
             soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w, names)}.items()}
-        coefs.append(w.detach().cpu())
+        eff_models, eff_base = _fold_effective(eff_models, eff_base, block, w.detach().cpu().double(),
+                                               None if norms is None else norms.cpu().double(), parameterisation,
+                                               bi == 0, centre)
+        raw.append({"block": block, "alpha": param.detach().cpu().tolist(),
+                    "logit_scale": None if scale is None else scale.item()})
         losses.append(torch.stack(block_losses).tolist() if block_losses else [])
         del directions, centre_state
-        _save_progress(ctx, key, soup, coefs, losses, bi + 1, settings)
+        _save_progress(ctx, key, soup, raw, losses, bi + 1, settings, eff_models, eff_base)
         bar.update()
     bar.close()
     ordered = {k: soup[k] for k in ctx.base}      # the base's key order and every key, buffers included
-    coefficients = torch.cat(coefs)              # (K, L): each ingredient's weight on its direction per tensor
     return SoupResult([g.id for g in ctx.ingredients], ordered, {
-        "settings": settings, "layers": names, "coefficients": coefficients.tolist(),
-        "coefficient_min": coefficients.min().item(), "coefficient_max": coefficients.max().item(),
-        "heldout_loss_per_block": [{"first": ls[0], "last": ls[-1]} for ls in losses if ls],
+        "settings": settings, "layers": names, "groups": groups,
+        "coefficients": eff_models.tolist(), "start_weight": eff_base.tolist(),
+        "coefficient_min": eff_models.min().item(), "coefficient_max": eff_models.max().item(),
+        "blocks": raw, "heldout_loss_per_block": [{"first": ls[0], "last": ls[-1]} for ls in losses if ls],
         "num_blocks": len(blocks)})
 
 
+def _fold_effective(eff: torch.Tensor, eff_base: torch.Tensor, block: list[int], w: torch.Tensor,
+                    norms: torch.Tensor | None, parameterisation: str, first: bool, centre: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Track the soup as Σ_i e_{i,l} θ_{i,l} + e0_l θ0_l (θ0 the shared start), per tensor.
+
+    Affine: θ' = c + Σ_{i∈block} α_i (θ_i − c) / n_i = (1 − Σ α_i/n_i) c + Σ (α_i/n_i) θ_i, with c the previous
+    soup (or the block's mean, or θ0, for the first block). The rows of `e` are what the soup's coefficient
+    plot shows: each ingredient's effective weight per tensor, whatever the number of blocks and passes."""
+    eff, eff_base = eff.clone(), eff_base.clone()
+    if parameterisation == "simplex":
+        eff[block] = w
+        return eff, eff_base
+    if first:
+        eff.zero_()
+        eff_base.zero_()
+        if centre == "base":
+            eff_base.fill_(1.0)
+        else:
+            eff[block] = 1.0 / len(block)
+    step = w / norms if norms is not None else w
+    keep = 1.0 - step.sum(0)
+    eff.mul_(keep)
+    eff_base.mul_(keep)
+    eff[block] += step
+    return eff, eff_base
+
+
 def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], parameterisation: str,
-                  ref: Mapping[str, torch.Tensor] | None, normalize: bool
-                  ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(centre, buffers, stacked directions) of one loaded block; consumes `states`.
+                  ref: Mapping[str, torch.Tensor] | None, normalize: bool, groups: list[int] | None = None
+                  ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], dict[str, torch.Tensor],
+                             torch.Tensor | None]:
+    """(centre, buffers, stacked directions, norms) of one loaded block; consumes `states`.
 
     simplex: no centre, the models themselves are the directions, buffers = the block's mean. affine: the
-    directions are θ_i − c around `ref` (the block's mean when None), whose buffers are kept."""
+    directions are θ_i − c around `ref` (the block's mean when None), whose buffers are kept; with `normalize`
+    each direction is divided by its norm over its coefficient group (`groups`, one per tensor when None), and
+    `norms` (b × L) holds the divisors."""
     if parameterisation == "simplex":
         buffers = _mean_buffers(states, names)
-        return None, buffers, _stack_directions(states, names, None, False)
+        return None, buffers, _stack_directions(states, names, None), None
     ref = _mean(states) if ref is None else ref
     centre = {n: ref[n] for n in names}
     buffers = {k: v for k, v in ref.items() if k not in centre}
-    return centre, buffers, _stack_directions(states, names, centre, normalize)
+    directions = _stack_directions(states, names, centre)
+    norms = None
+    if normalize:
+        groups = list(range(len(names))) if groups is None else groups
+        sq = torch.stack([directions[n].flatten(1).double().square().sum(1) for n in names], dim=1)   # b × L
+        index = torch.tensor(groups, device=sq.device)
+        group_sq = torch.zeros(sq.shape[0], max(groups) + 1, dtype=sq.dtype, device=sq.device).index_add_(1, index, sq)
+        norms = group_sq.sqrt().clamp_min(1e-12)[:, index]                                            # b × L
+        for j, n in enumerate(names):
+            d = directions[n]
+            d.div_(norms[:, j].to(d.dtype).view(-1, *[1] * (d.ndim - 1)))
+    return centre, buffers, directions, norms
 
 
 def _stack_directions(states: list[dict[str, torch.Tensor]], names: list[str],
-                      centre: Mapping[str, torch.Tensor] | None, normalize: bool) -> dict[str, torch.Tensor]:
-    """D_l = stack_i(θ_i,l − c_l), unit-normalised per row if asked. Built tensor by tensor, dropping each
-    loaded tensor as soon as it is stacked, so the block costs b copies, not 2b or 3b."""
+                      centre: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """D_l = stack_i(θ_i,l − c_l). Built tensor by tensor, dropping each loaded tensor as soon as it is
+    stacked, so the block costs b copies, not 2b or 3b."""
     out = {}
     for n in names:
         d = torch.stack([s.pop(n) for s in states])
         if centre is not None:
             d.sub_(centre[n])
-        if normalize:
-            d.div_(d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.ndim - 1)))
         out[n] = d
     return out
 
@@ -230,22 +349,26 @@ def _state_paths(ctx: SoupContext):
     return ctx.work_dir / "progress.safetensors", ctx.work_dir / "progress.json"
 
 
-def _save_progress(ctx: SoupContext, key: str, soup: dict, coefs: list, losses: list, next_block: int,
-                   settings: dict) -> None:
-    """After every block: the soup and all coefficients so far (weights first, then the JSON that vouches)."""
+def _save_progress(ctx: SoupContext, key: str, soup: dict, raw: list, losses: list, next_block: int,
+                   settings: dict, eff: torch.Tensor, eff_base: torch.Tensor) -> None:
+    """After every block: the soup and the effective weights (weights first, then the JSON that vouches)."""
     weights_path, meta_path = _state_paths(ctx)
-    tensors = {f"soup.{k}": v for k, v in soup.items()} | {f"coef.{i}": c for i, c in enumerate(coefs)}
+    tensors = {f"soup.{k}": v for k, v in soup.items()} | {"effective": eff, "effective_base": eff_base}
     save_weights(weights_path, tensors, {"next_block": next_block})
-    write_json(meta_path, {"key": key, "next_block": next_block, "settings": settings, "losses": losses})
+    write_json(meta_path, {"key": key, "next_block": next_block, "settings": settings, "losses": losses,
+                           "blocks": raw})
 
 
-def _resume(ctx: SoupContext, key: str):
+def _resume(ctx: SoupContext, key: str, num_layers: int) -> dict:
     weights_path, meta_path = _state_paths(ctx)
     if meta_path.is_file() and weights_path.is_file():
         meta = read_json(meta_path)
         if meta.get("key") == key:
             t = load_weights(weights_path)
             soup = {k.removeprefix("soup."): v for k, v in t.items() if k.startswith("soup.")}
-            coefs = [t[f"coef.{i}"] for i in range(meta["next_block"])]
-            return soup, coefs, meta["losses"], meta["next_block"]
-    return None, [], [], 0
+            return {"soup": soup, "raw": meta["blocks"], "losses": meta["losses"], "next_block": meta["next_block"],
+                    "effective": t["effective"], "effective_base": t["effective_base"]}
+    K = len(ctx.ingredients)
+    return {"soup": None, "raw": [], "losses": [], "next_block": 0,
+            "effective": torch.zeros(K, num_layers, dtype=torch.float64),
+            "effective_base": torch.zeros(num_layers, dtype=torch.float64)}
