@@ -357,3 +357,25 @@ def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
                         lambda self, device="cpu": calls.append(self.id) or original(self, device))
     learned.build(ctx, **kw)
     assert len(calls) == len(ings)                               # everything recomputed for the new data
+
+
+def test_internal_split_keeps_the_epoch_with_the_lowest_loss(tmp_path):
+    model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
+    ctx = context(model, ings, heldout, tmp_path / "w")
+    res = learned.build(ctx, "affine", "layer", None, **dict(SETTINGS, epochs=4, lr=0.3), val_fraction=0.25)
+    (blk,) = res.info["blocks"]
+    assert len(blk["val_losses"]) == 4
+    assert blk["best_epoch"] == min(range(4), key=lambda e: blk["val_losses"][e])
+    # the soup is the kept epoch's: its loss on the internal split is the minimum
+    idx = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:16]
+    logits = predict(model, heldout.images[idx], 64, CPU, res.state)
+    assert F.cross_entropy(logits, heldout.labels[idx]).item() == pytest.approx(min(blk["val_losses"]), rel=1e-4)
+
+
+def test_coefficient_penalty_pulls_toward_the_centre(tmp_path):
+    model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
+    kw = dict(SETTINGS, epochs=4, lr=0.1)
+    free = learned.build(context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **kw)
+    tied = learned.build(context(model, ings, heldout, tmp_path / "b"), "affine", "layer", None, **kw, coef_l2=100.0)
+    size = lambda r: torch.tensor(r.info["blocks"][0]["alpha"]).abs().max().item()  # noqa: E731
+    assert size(tied) < 0.2 * size(free)

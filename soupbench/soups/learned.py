@@ -129,9 +129,11 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
                centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor], names: list[str],
                buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, parameterisation: str,
                temperature: float, max_grad_norm: float | None, clip: str = "model", precision: str = "auto",
-               group_of: torch.Tensor | int | None = None, logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+               group_of: torch.Tensor | int | None = None, logit_scale: torch.Tensor | None = None,
+               coef_l2: float = 0.0) -> torch.Tensor:
     """One optimiser step on the block's coefficients (and the logit scale, when learned): what the benchmark
-    times. Returns the loss on the device, so the caller decides when to synchronise."""
+    times. `coef_l2` adds λ·Σ param² to the loss, pulling the coefficients toward 0: the centre (affine) or the
+    uniform soup (simplex). Returns the loss on the device, so the caller decides when to synchronise."""
     w = coefficient_weights(param, parameterisation, len(names) if group_of is None else group_of, temperature)
     loss, g, scale_grad = coefficient_gradient(model, centre, directions, w.detach(), names, buffers, x, y, precision,
                                                max_grad_norm if clip == "model" else None, logit_scale)
@@ -139,10 +141,31 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
     w.backward(g.to(w.dtype))
     if logit_scale is not None:
         logit_scale.grad = scale_grad
+    if coef_l2:
+        param.grad.add_(param.detach(), alpha=2.0 * coef_l2)
     if max_grad_norm and clip == "coefficients":
         torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
     opt.step()
     return loss
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, centre: Mapping[str, torch.Tensor] | None,
+                    directions: Mapping[str, torch.Tensor], weights: torch.Tensor, names: list[str],
+                    buffers: Mapping[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                    precision: str, logit_scale: torch.Tensor | None) -> float:
+    """Mean cross-entropy of the soup with these weights on the engine's internal validation images."""
+    theta = {**buffers, **combine(centre, directions, weights, names)}
+    dev = next(iter(theta.values())).device
+    total = 0.0
+    for i in range(0, len(labels), batch_size):
+        x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
+        with autocast(dev, precision):
+            logits = functional_call(model, theta, (x,), strict=False).float()
+        if logit_scale is not None:
+            logits = logits * logit_scale
+        total += F.cross_entropy(logits, y, reduction="sum").item()
+    return total / max(1, len(labels))
 
 
 def block_order(num_models: int, block_size: int, num_passes: int, shuffle: bool, seed: int) -> list[list[int]]:
@@ -161,7 +184,12 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
           centre: str = "first_block_mean", normalize_directions: bool = True, epochs: int = 5,
           batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0, schedule: str = "cosine",
           warmup_frac: float = 0.2, max_grad_norm: float | None = 1.0, clip: str = "model",
-          logit_scale: str = "fixed", temperature: float = 1.0, init: float = 0.0, seed: int = 0) -> SoupResult:
+          logit_scale: str = "fixed", temperature: float = 1.0, init: float = 0.0, coef_l2: float = 0.0,
+          val_fraction: float = 0.0, seed: int = 0) -> SoupResult:
+    """See the module docstring. With few held-out images the layer-wise variants fit thousands of coefficients
+    and overfit; three settings counter that: coarser groups (`layer_size`), `coef_l2` toward the centre, and
+    `val_fraction`: that share of the held-out images is kept out of the inner steps, and each block keeps the
+    coefficients of the epoch with the lowest loss on it."""
     K = len(ctx.ingredients)
     b = K if block_size is None else int(block_size)
     if parameterisation not in ("simplex", "affine"):
@@ -176,6 +204,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         raise ConfigError(f"block_size={block_size}: must be >= 1")
     if num_passes < 1:
         raise ConfigError(f"num_passes={num_passes}: must be >= 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
     if parameterisation == "simplex" and (b < K or num_passes > 1):
         raise ConfigError("parameterisation=simplex learns all models at once: set block_size=null and "
                           "num_passes=1 (block coordinate descent needs the affine parameterisation)")
@@ -190,7 +220,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                     normalize_directions=normalize_directions, epochs=epochs, batch_size=batch_size, lr=lr,
                     weight_decay=weight_decay, schedule=schedule, warmup_frac=warmup_frac,
                     max_grad_norm=max_grad_norm, clip=clip, logit_scale=logit_scale, temperature=temperature,
-                    init=init, seed=seed)
+                    init=init, coef_l2=coef_l2, val_fraction=val_fraction, seed=seed)
     key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ctx.ingredients],
                          "data": ctx.data_key, "precision": ctx.precision})
     dev = ctx.device
@@ -199,6 +229,10 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     if dev.type == "cuda" and heldout_x.device.type != "cuda":   # uint8 held-out images on the GPU for all steps
         heldout_x, heldout_y = heldout_x.to(dev), heldout_y.to(dev)
     group_of = torch.tensor(groups, device=dev)
+    split_gen = torch.Generator().manual_seed(seed)
+    shuffled = torch.randperm(len(heldout_y), generator=split_gen).to(heldout_x.device)
+    num_val = int(round(val_fraction * len(heldout_y)))
+    val_idx, fit_idx = shuffled[:num_val], shuffled[num_val:]
     blocks = block_order(K, b, num_passes, shuffle_models and parameterisation == "affine", seed)
 
     state = _resume(ctx, key, len(names))
@@ -222,19 +256,32 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
         scale = torch.ones((), device=dev, requires_grad=True) if logit_scale == "learned" else None
         opt = torch.optim.AdamW([param] + ([scale] if scale is not None else []), lr=lr, weight_decay=weight_decay)
-        steps_per_epoch = math.ceil(len(heldout_y) / batch_size)
+        steps_per_epoch = math.ceil(len(fit_idx) / batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(schedule, epochs * steps_per_epoch, warmup_frac))
         gen = torch.Generator().manual_seed(seed * 100_003 + bi)
-        block_losses = []
-        for _ in range(epochs):
-            perm = torch.randperm(len(heldout_y), generator=gen).to(heldout_x.device)
+        block_losses, val_losses, best = [], [], None
+        for epoch in range(epochs):
+            perm = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(heldout_x.device)]
             for i in range(0, len(perm), batch_size):
                 idx = perm[i:i + batch_size]
                 x, y = heldout_x[idx].to(dev, non_blocking=True), heldout_y[idx].to(dev, non_blocking=True)
                 loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
-                                  parameterisation, temperature, max_grad_norm, clip, ctx.precision, group_of, scale)
+                                  parameterisation, temperature, max_grad_norm, clip, ctx.precision, group_of, scale,
+                                  coef_l2)
                 sched.step()
                 block_losses.append(loss)
+            if num_val:
+                w = coefficient_weights(param.detach(), parameterisation, group_of, temperature)
+                v = validation_loss(ctx.model, centre_state, directions, w, names, buffers, heldout_x[val_idx],
+                                    heldout_y[val_idx], batch_size, ctx.precision, scale)
+                val_losses.append(v)
+                if best is None or v < best[0]:
+                    best = (v, epoch, param.detach().clone(), None if scale is None else scale.detach().clone())
+        if best is not None:                         # the epoch with the lowest loss on the internal split
+            with torch.no_grad():
+                param.copy_(best[2])
+                if scale is not None:
+                    scale.copy_(best[3])
         with torch.no_grad():
             w = coefficient_weights(param, parameterisation, group_of, temperature)
             soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w, names)}.items()}
@@ -242,7 +289,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                                                None if norms is None else norms.cpu().double(), parameterisation,
                                                bi == 0, centre)
         raw.append({"block": block, "alpha": param.detach().cpu().tolist(),
-                    "logit_scale": None if scale is None else scale.item()})
+                    "logit_scale": None if scale is None else scale.item(),
+                    "val_losses": val_losses, "best_epoch": None if best is None else best[1]})
         losses.append(torch.stack(block_losses).tolist() if block_losses else [])
         del directions, centre_state
         _save_progress(ctx, key, soup, raw, losses, bi + 1, settings, eff_models, eff_base)
@@ -304,7 +352,8 @@ def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], param
     norms = None
     if normalize:
         groups = list(range(len(names))) if groups is None else groups
-        sq = torch.stack([directions[n].flatten(1).double().square().sum(1) for n in names], dim=1)   # b × L
+        sq = torch.stack([directions[n].flatten(1).norm(dim=1).double().square() for n in names], dim=1)  # b × L
+        # (a norm per row, no copy of the block: the block's directions are the engine's whole memory)
         index = torch.tensor(groups, device=sq.device)
         group_sq = torch.zeros(sq.shape[0], max(groups) + 1, dtype=sq.dtype, device=sq.device).index_add_(1, index, sq)
         norms = group_sq.sqrt().clamp_min(1e-12)[:, index]                                            # b × L
