@@ -61,7 +61,7 @@ def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tens
                          use_autocast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and G = ∂L/∂w (b × L) from one forward/backward of the single soup model.
 
-    The soup's tensors are fresh leaves (not views of one flat vector, which is 3x slower: GUIDE §5)."""
+    The soup's tensors are fresh leaves (not views of one flat vector, which is 3x slower)."""
     with torch.no_grad():
         theta = {n: t.requires_grad_(True) for n, t in combine(centre, directions, weights, names).items()}
     with autocast(x.device, use_autocast):
