@@ -17,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from soupbench.errors import report_errors
 from soupbench.io import write_json
 
 log = logging.getLogger("soupbench")
@@ -52,7 +53,6 @@ class SoupAfterSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled or not sweeps_ingredients(config):
             return
-        from soupbench.cli import report_errors
         from soupbench.pipeline import run
 
         cfg = after_sweep_config(config)
