@@ -33,8 +33,8 @@ def _task(cfg) -> None:
 
 def main() -> None:
     if not (CONFIG_DIR / "config.yaml").is_file():
-        sys.exit(f"soupbench: error: config directory not found at {CONFIG_DIR}; install soupbench from its "
-                 "checkout with `pip install -e .` (see README)")
+        sys.exit(f"soupbench: error: config directory not found at {CONFIG_DIR}: this installation lacks its "
+                 "configs (a wheel ships them as soupbench/conf, a checkout has conf/)")
     import hydra
 
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)()
