@@ -34,10 +34,12 @@ def sweeps_ingredients(config: DictConfig) -> bool:
 
 
 def after_sweep_config(config: DictConfig) -> DictConfig:
-    """The sweep's config as one ordinary run of the remaining stages over every ingredient."""
+    """The sweep's config as one ordinary run of the remaining stages over every ingredient. Its paths are
+    resolved here, so a soup job submitted elsewhere (submitit) writes where the sweep's jobs wrote."""
     cfg = copy.deepcopy(config)
     with open_dict(cfg):
         del cfg["hydra"]
+        cfg.paths = OmegaConf.to_container(cfg.paths, resolve=True)
         cfg.finetune.index = None
         cfg.stages = [s for s in cfg.stages if s != "finetune"]
     return cfg

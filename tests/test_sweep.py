@@ -9,6 +9,7 @@ from pathlib import Path
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 import soupbench
 from soupbench.io import read_json
@@ -80,4 +81,6 @@ def test_only_a_sweep_over_finetune_index_triggers_the_soup_stage():
     assert not sweeps_ingredients(multirun_cfg(["finetune.index=3"]))
     after = after_sweep_config(multirun_cfg(["finetune.index=0,1"]))
     assert "hydra" not in after and after.finetune.index is None
+    assert not OmegaConf.is_interpolation(after.paths, "run_dir")       # fixed before a soup job is submitted
+    assert Path(after.paths.run_dir).is_absolute()
     assert list(after.stages) == ["soup", "evaluate", "report"]
