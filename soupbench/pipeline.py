@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soupbench import report, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
+from soupbench.config_schema import validate
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
@@ -304,6 +305,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     With `finetune.index` set (one job of a sweep) only that ingredient is trained: the soup needs every
     ingredient, so it runs after the sweep (soupbench.sweep.SoupAfterSweep) or in a later call."""
+    validate(cfg)                     # every setting's type and range, and the device, before any data is loaded
     run_ = Run(cfg)
     one_job = cfg.finetune.index is not None
     stages = [s for s in cfg.stages if s == "finetune"] if one_job else list(cfg.stages)

@@ -17,6 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from soupbench.config_schema import check_settings
 from soupbench.errors import report_errors
 from soupbench.io import write_json
 
@@ -46,11 +47,17 @@ def after_sweep_config(config: DictConfig) -> DictConfig:
 
 
 class SoupAfterSweep(Callback):
-    """Hydra callback (configured under `hydra.callbacks` in conf/config.yaml): after a multirun that trained
-    ingredients by index, run soup -> evaluate -> report once, in the launching process."""
+    """Hydra callback (configured under `hydra.callbacks` in conf/config.yaml): before a multirun, check its
+    settings; after one that trained ingredients by index, run soup -> evaluate -> report once, in the
+    launching process."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A bad setting stops the sweep here, with one line, before any job starts. The device is checked
+        by each job, where it runs (a SLURM login node has no GPU)."""
+        report_errors(check_settings, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled or not sweeps_ingredients(config):
