@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# pinned torch for the local CPU venv (lies on this workplace's disk); the package itself allows 2.4+.
+	# the CPU venv pins torch 2.14.1 / torchvision 0.29.1; the package itself allows torch>=2.4.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)

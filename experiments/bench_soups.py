@@ -363,7 +363,7 @@ def main() -> None:
     phase("greedy", lambda: bench_greedy(args, model, ings, pts, heldout, loader))
     phase("mehl_plus_step", lambda: bench_learned_step(args, model, ings, heldout, args.block, "affine", True))
     phase("mehl_plus_protocol", lambda: bench_mehl_protocol(args, model, ings, heldout))
-    if "mehl_plus_step" in report and "load" in report:       # GUIDE §5: 1K inner steps x 4 blocks of 18
+    if "mehl_plus_step" in report and "load" in report:       # the paper's protocol: 1K inner steps x 4 blocks of 18
         report["mehl_plus_paper_protocol_estimate_s"] = (
             4 * 1000 * report["mehl_plus_step"]["soupbench_step_ms"] / 1000
             + args.k * report["load"]["soupbench_s_per_ingredient"])

@@ -3,26 +3,14 @@ clear line (exit 2) instead of a traceback."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from soupbench import CONFIG_DIR
+from soupbench.errors import report_errors
 
 # Never wait on a model hub: a missing local file must fail at once with a message that names it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def report_errors(fn, cfg) -> None:
-    """Run `fn(cfg)`; an error in the user's input prints one line and exits 2."""
-    from soupbench.errors import SoupbenchError
-
-    try:
-        fn(cfg)
-    except SoupbenchError as e:
-        logging.getLogger("soupbench").error("%s", e)
-        print(f"soupbench: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def _task(cfg) -> None:
@@ -45,8 +33,8 @@ def _task(cfg) -> None:
 
 def main() -> None:
     if not (CONFIG_DIR / "config.yaml").is_file():
-        sys.exit(f"soupbench: error: config directory not found at {CONFIG_DIR}; install soupbench from its "
-                 "checkout with `pip install -e .` (see README)")
+        sys.exit(f"soupbench: error: config directory not found at {CONFIG_DIR}: this installation lacks its "
+                 "configs (a wheel ships them as soupbench/conf, a checkout has conf/)")
     import hydra
 
     hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")(_task)()

@@ -1,5 +1,14 @@
 """User-facing errors: each names the file or setting at fault, and the CLI prints it without a traceback."""
 
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class SoupbenchError(Exception):
     """A problem with the user's input (config, data, checkpoints), not a bug in soupbench."""
@@ -15,3 +24,16 @@ class DataError(SoupbenchError):
 
 class CheckpointError(SoupbenchError):
     """A weights file is missing, truncated, corrupt, non-finite or incompatible."""
+
+
+def report_errors(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)`; an error in the user's input prints one line and exits 2 (a bug keeps its traceback).
+
+    It lives beside the errors, importing nothing from soupbench, so the CLI and the sweep callback can both
+    use it without importing each other."""
+    try:
+        return fn(*args)
+    except SoupbenchError as e:
+        logging.getLogger("soupbench").error("%s", e)
+        print(f"soupbench: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soupbench import report, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
+from soupbench.config_schema import validate
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, ensemble_logits
@@ -314,12 +315,13 @@ def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
 
 
 def paper_figures(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Published figures to show beside ours: `report.paper`, updated by `report.paper_by` entries whose
-    setting has the value they name (e.g. the top-k elimination figures for ingredients.exclude_top=22)."""
+    """Published figures to show beside ours: `report.paper`, where `report.paper_by` names figures for the
+    current value of a setting (e.g. the top-k elimination figures for ingredients.exclude_top=22)."""
     out = {m: dict(v) for m, v in container(cfg.report.paper).items()}
-    for setting, by_value in container(cfg.report.paper_by).items():
-        value = OmegaConf.select(cfg, setting)
-        for method, figures in by_value.get(str(value), by_value.get(value, {})).items():
+    by = container(cfg.report.paper_by)
+    if by["setting"]:
+        value = OmegaConf.select(cfg, by["setting"])
+        for method, figures in by["values"].get(str(value), {}).items():
             out[method] = dict(figures)          # the figures for this value replace the general ones
     return out
 
@@ -357,6 +359,7 @@ def run(cfg: DictConfig) -> dict | None:
 
     With `finetune.index` set (one job of a sweep) only that ingredient is trained: the soup needs every
     ingredient, so it runs after the sweep (soupbench.sweep.SoupAfterSweep) or in a later call."""
+    validate(cfg)                     # every setting's type and range, and the device, before any data is loaded
     run_ = Run(cfg)
     one_job = cfg.finetune.index is not None
     stages = [s for s in cfg.stages if s == "finetune"] if one_job else list(cfg.stages)

@@ -17,6 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from soupbench.config_schema import check_settings
+from soupbench.errors import report_errors
 from soupbench.io import write_json
 
 log = logging.getLogger("soupbench")
@@ -33,26 +35,33 @@ def sweeps_ingredients(config: DictConfig) -> bool:
 
 
 def after_sweep_config(config: DictConfig) -> DictConfig:
-    """The sweep's config as one ordinary run of the remaining stages over every ingredient."""
+    """The sweep's config as one ordinary run of the remaining stages over every ingredient. Its paths are
+    resolved here, so a soup job submitted elsewhere (submitit) writes where the sweep's jobs wrote."""
     cfg = copy.deepcopy(config)
     with open_dict(cfg):
         del cfg["hydra"]
+        cfg.paths = OmegaConf.to_container(cfg.paths, resolve=True)
         cfg.finetune.index = None
         cfg.stages = [s for s in cfg.stages if s != "finetune"]
     return cfg
 
 
 class SoupAfterSweep(Callback):
-    """Hydra callback (configured under `hydra.callbacks` in conf/config.yaml): after a multirun that trained
-    ingredients by index, run soup -> evaluate -> report once, in the launching process."""
+    """Hydra callback (configured under `hydra.callbacks` in conf/config.yaml): before a multirun, check its
+    settings; after one that trained ingredients by index, run soup -> evaluate -> report once, in the
+    launching process."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A bad setting stops the sweep here, with one line, before any job starts. The device is checked
+        by each job, where it runs (a SLURM login node has no GPU)."""
+        report_errors(check_settings, config)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled or not sweeps_ingredients(config):
             return
-        from soupbench.cli import report_errors
         from soupbench.pipeline import run
 
         cfg = after_sweep_config(config)

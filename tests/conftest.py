@@ -72,6 +72,18 @@ def clip_test_model() -> str:
 
 
 @pytest.fixture(scope="session")
+def pacs_root() -> Path:
+    """The real PACS release (<root>/<domain>/<class>/*.jpg), named by $SOUPBENCH_PACS. It is no part of the
+    repository, so tests that need it skip without it."""
+    root = os.environ.get("SOUPBENCH_PACS")
+    if not root:
+        pytest.skip("set SOUPBENCH_PACS=/path/to/pacs to run the tests on the real PACS")
+    if not Path(root).is_dir():
+        pytest.skip(f"SOUPBENCH_PACS={root}: no such folder")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One real end-to-end run of the `tiny` preset (real lite0 weights, real MNIST), shared by tests."""
     from soupbench.pipeline import run

@@ -60,6 +60,17 @@ def test_pacs_loader_on_a_fixture_tree(tmp_path):
         pacs.load(str(tmp_path / "pacs"), **{**kw, "ood_domains": ["photo"]})
 
 
+def test_pacs_loader_on_the_real_release(pacs_root, tmp_path):
+    """The real PACS layout: 7 classes in every domain; each ID domain split in full, the OOD domain whole."""
+    b = pacs.load(str(pacs_root), 16, ["photo"], ["art_painting"], {"train": 0.7, "heldout": 0.15, "test": 0.15},
+                  0, str(tmp_path / "cache"))
+    assert b.class_names == ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
+    photo = len(list((pacs_root / "photo").rglob("*.jpg")))
+    assert len(b.train) + len(b.heldout) + len(b.test) == photo
+    assert len(b.ood["art_painting"]) == len(list((pacs_root / "art_painting").rglob("*.jpg")))
+    assert b.heldout.labels.unique().numel() == 7
+
+
 def test_pacs_leave_one_domain_out(tmp_path):
     write_tree(tmp_path / "pacs", list(pacs.DOMAINS), per_class=4)
     kw = dict(image_size=16, id_domains=["photo"], ood_domains=["sketch"],

@@ -52,7 +52,7 @@ def test_paper_figures_and_deltas_beside_ours():
 
     cfg = OmegaConf.create({"ingredients": {"exclude_top": 22}, "report": {
         "paper": {"greedy": {"test": 81.03, "ood_avg": 50.75}, "uniform": {"test": 79.97}},
-        "paper_by": {"ingredients.exclude_top": {"22": {"greedy": {"test": 80.08}}}}}})
+        "paper_by": {"setting": "ingredients.exclude_top", "values": {"22": {"greedy": {"test": 80.08}}}}}})
     paper = paper_figures(cfg)
     assert paper == {"greedy": {"test": 80.08}, "uniform": {"test": 79.97}}     # the k=22 figure replaces the rest
     results = {"name": "t", "splits": {"heldout": 10, "test": 10, "v2": 10}, "ood_splits": ["v2"], "paper": paper,

@@ -6,13 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 import soupbench
 from soupbench.io import read_json
-from soupbench.sweep import FAILED_MARKER, after_sweep_config, sweeps_ingredients
+from soupbench.sweep import FAILED_MARKER, SoupAfterSweep, after_sweep_config, sweeps_ingredients
 
 
 def sweep(tmp: Path, *overrides: str, launcher: str = "local") -> subprocess.CompletedProcess:
@@ -80,4 +82,17 @@ def test_only_a_sweep_over_finetune_index_triggers_the_soup_stage():
     assert not sweeps_ingredients(multirun_cfg(["finetune.index=3"]))
     after = after_sweep_config(multirun_cfg(["finetune.index=0,1"]))
     assert "hydra" not in after and after.finetune.index is None
+    assert not OmegaConf.is_interpolation(after.paths, "run_dir")       # fixed before a soup job is submitted
+    assert Path(after.paths.run_dir).is_absolute()
     assert list(after.stages) == ["soup", "evaluate", "report"]
+
+
+def test_a_bad_setting_stops_the_sweep_before_any_job(capsys):
+    """The launcher checks the settings once (exit 2, one line) instead of every job failing on them; the device
+    is left to the jobs, which may run where the launcher's machine has no GPU."""
+    callback = SoupAfterSweep()
+    with pytest.raises(SystemExit) as exit_:
+        callback.on_multirun_start(config=multirun_cfg(["finetune.index=0,1", "eval.batch_size=-1"]))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "soupbench: error: eval.batch_size=-1: expected an integer >= 1\n"
+    callback.on_multirun_start(config=multirun_cfg(["finetune.index=0,1", "device=cuda"]))

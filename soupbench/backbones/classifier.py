@@ -45,7 +45,8 @@ class Classifier(nn.Module):
 def set_batchnorm_eval(model: nn.Module) -> int:
     """Put every BatchNorm layer in eval mode (frozen running statistics); returns how many.
 
-    Fine-tuning with BN in train mode moves the statistics per ingredient and the soups collapse (GUIDE §4).
+    Fine-tuning with BN in train mode moves the statistics per ingredient: low-lr ingredients ended below the
+    linear probe and every soup collapsed.
     """
     n = 0
     for m in model.modules():
@@ -64,7 +65,7 @@ def recalibrate_batchnorm(model: nn.Module, state: dict[str, torch.Tensor], imag
                           device: torch.device) -> dict[str, torch.Tensor]:
     """Re-estimate every BatchNorm's running mean/var for the weights `state` on `images` (exact averages over
     the batches, momentum=None), leaving the weights alone. Averaged weights do not match averaged statistics,
-    so BN soups can need this (GUIDE §4). Returns the new state dict (CPU)."""
+    so BN soups can need this. Returns the new state dict (CPU)."""
     model.load_state_dict(state)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
