@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from soupbench.config_schema import check_device
 from soupbench.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -22,9 +23,7 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"device={name!r}: not a device name (expected auto, cpu, cuda or cuda:N)") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: no CUDA device is available (torch.cuda.is_available() is False); "
-                          "use device=cpu or device=auto")
+    check_device(name)
     return device
 
 
