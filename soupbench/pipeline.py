@@ -15,11 +15,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from soupbench import report, tracking
+from soupbench import report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
-from soupbench.evaluate import Evaluator, accuracy, ensemble_logits, resolve_device
+from soupbench.evaluate import Evaluator, correct, ensemble_logits, percent, resolve_device
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
 from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
@@ -226,8 +226,11 @@ class Run:
         splits = self.evaluator.splits
         by_id = {g.id: g for g in ingredients}
         ing_results = {}
+        hits: dict[str, dict[str, torch.Tensor]] = {}      # per-image correctness: "<kind>/<name>" -> split -> bool
         for g in ingredients:
-            accs = {s: accuracy(self.ingredient_logits(g, s), split) for s, split in splits.items()}
+            hits[f"ingredient/{g.id}"] = g_hits = {s: correct(self.ingredient_logits(g, s), split)
+                                                   for s, split in splits.items()}
+            accs = {s: percent(h) for s, h in g_hits.items()}
             ing_results[g.id] = {**accs, "ood_avg": ood_average(accs, self.data), "hyperparameters":
                                  g.meta.get("hyperparameters", {})}
         methods = {}
@@ -236,27 +239,42 @@ class Run:
             if not meta_path.is_file():
                 raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
             meta = read_json(meta_path)
+            hits[f"method/{name}"] = method_hits = {}
             if meta["kind"] == "weights":
                 state = None
-                accs = {}
                 for s, split in splits.items():
                     logits = self.evaluator.cached_logits(meta["fingerprint"], s)
                     if logits is None:
                         state = state or load_weights(self.run_dir / "soups" / f"{name}.safetensors")
                         logits = self.evaluator.logits(state, s, meta["fingerprint"])
-                    accs[s] = accuracy(logits, split)
+                    method_hits[s] = correct(logits, split)
             else:
                 members = [by_id[m] for m in meta["members"]]
-                accs = {s: accuracy(ensemble_logits([self.ingredient_logits(g, s) for g in members]), split)
-                        for s, split in splits.items()}
+                for s, split in splits.items():
+                    method_hits[s] = correct(ensemble_logits([self.ingredient_logits(g, s) for g in members]), split)
+            accs = {s: percent(h) for s, h in method_hits.items()}
             methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
                              "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],
                              "peak_mem_mb": meta.get("peak_mem_mb")}
         results = {"name": self.cfg.name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "config": container(self.cfg)}
+        save_weights(self.run_dir / "correct.safetensors",
+                     {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
+        results["bootstrap"] = self.bootstrap(hits)
         write_json(self.run_dir / "results.json", results)
         return results
+
+    def bootstrap(self, hits: dict[str, dict[str, torch.Tensor]]) -> dict:
+        """Paired bootstrap intervals of every method's difference to the references (report.bootstrap), on
+        the test and OOD splits, from the per-image correctness the evaluate stage just computed."""
+        b = self.cfg.report.bootstrap
+        methods = {k.removeprefix("method/"): {s: h.numpy() for s, h in v.items()}
+                   for k, v in hits.items() if k.startswith("method/")}
+        splits = [s for s in self.evaluator.splits if s != "heldout"]
+        deltas = stats.paired_deltas(methods, splits, list(self.data.ood), list(b.references), b.num_samples,
+                                     b.confidence, b.seed)
+        return {"num_samples": b.num_samples, "confidence": b.confidence, "seed": b.seed, "deltas": deltas}
 
 
 def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
