@@ -256,7 +256,7 @@ class Run:
             methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
                              "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],
                              "peak_mem_mb": meta.get("peak_mem_mb")}
-        results = {"name": self.cfg.name, "splits": {s: len(v) for s, v in splits.items()},
+        results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "config": container(self.cfg)}
         save_weights(self.run_dir / "correct.safetensors",
@@ -328,7 +328,7 @@ def run(cfg: DictConfig) -> dict | None:
     if one_job and stages != list(cfg.stages):
         log.info("finetune.index=%s: this job trains one ingredient; soups are built once the sweep is done",
                  cfg.finetune.index)
-    tracker = tracking.start(cfg, f"{cfg.name}-ft{cfg.finetune.index:03d}" if one_job else cfg.name,
+    tracker = tracking.start(cfg, f"{cfg.run_name}-ft{cfg.finetune.index:03d}" if one_job else cfg.run_name,
                              "finetune" if one_job else "soup")
     try:
         run_.prepare_base()

@@ -15,6 +15,7 @@ from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from soupbench.io import write_json
@@ -32,10 +33,40 @@ def sweeps_ingredients(config: DictConfig) -> bool:
     return "finetune.index" in params
 
 
-def after_sweep_config(config: DictConfig) -> DictConfig:
-    """The sweep's config as one ordinary run of the remaining stages over every ingredient."""
+def override_values(hydra_cfg: DictConfig, key: str) -> list[str] | None:
+    """The values a multirun gives `key` (a sweep's values, or a fixed value's one), from the command line or
+    else from `hydra.sweeper.params`; None when neither sets it. `hydra_cfg`: the config's `hydra` node."""
+    parser = OverridesParser.create()
+    params = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
+    given = [*parser.parse_overrides(list(hydra_cfg.overrides.task)),
+             *(parser.parse_overrides([f"{key}={params[key]}"]) if key in params else [])]
+    for o in given:
+        if o.key_or_group == key:
+            return list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+    return None
+
+
+def seed_tag(hydra_cfg: DictConfig | None, seed: int, multirun: bool | None = None) -> str:
+    """`_seed<N>` for a multirun that sets `seed`, so a seed sweep's runs land in distinct run directories
+    (`outputs/<name>_seed<N>`); '' otherwise, so single runs keep `outputs/<name>`. The jobs of one sweep and
+    its after-sweep soup run all see the same overrides, so they agree on the directory."""
+    if hydra_cfg is None:
+        return ""
+    if multirun is None:
+        multirun = OmegaConf.select(hydra_cfg, "mode") == RunMode.MULTIRUN
+    if not multirun or override_values(hydra_cfg, "seed") is None:
+        return ""
+    return f"_seed{seed}"
+
+
+def after_sweep_config(config: DictConfig, seed: int | None = None) -> DictConfig:
+    """The sweep's config as one ordinary run of the remaining stages over every ingredient (of one `seed`,
+    when the sweep also swept seeds)."""
     cfg = copy.deepcopy(config)
     with open_dict(cfg):
+        if seed is not None:
+            cfg.seed = seed
+        cfg.run_name = f"{cfg.name}{seed_tag(config.hydra, cfg.seed, multirun=True)}"
         del cfg["hydra"]
         cfg.finetune.index = None
         cfg.stages = [s for s in cfg.stages if s != "finetune"]
@@ -55,22 +86,27 @@ class SoupAfterSweep(Callback):
         from soupbench.cli import report_errors
         from soupbench.pipeline import run
 
-        cfg = after_sweep_config(config)
-        if not cfg.stages:
+        seeds = override_values(config.hydra, "seed")         # a sweep over seeds too: one soup run per seed
+        cfgs = [after_sweep_config(config, int(s)) for s in seeds] if seeds else [after_sweep_config(config)]
+        if not cfgs[0].stages:
             return
         launcher = config.hydra.launcher
         if launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher."):
             # on a cluster the launching process sits on a login node: the soups run as one more job, with the
             # sweep's own resources (GPU, memory, partition), and this process waits for it
-            log.info("sweep finished: submitting the soup job for every ingredient in %s", cfg.ingredients.dir)
-            soup_job(launcher, cfg).result()
-            table = Path(cfg.paths.run_dir) / "results.txt"
-            if table.is_file():
-                print(table.read_text(), flush=True)
-            log.info("soup job done: %s", Path(cfg.paths.run_dir) / "results.json")
+            for cfg in cfgs:
+                log.info("sweep finished: submitting the soup job for every ingredient in %s", cfg.ingredients.dir)
+            jobs = [soup_job(launcher, cfg) for cfg in cfgs]
+            for cfg, job in zip(cfgs, jobs, strict=True):
+                job.result()
+                table = Path(cfg.paths.run_dir) / "results.txt"
+                if table.is_file():
+                    print(table.read_text(), flush=True)
+                log.info("soup job done: %s", Path(cfg.paths.run_dir) / "results.json")
             return
-        log.info("sweep finished: building soups from every ingredient in %s", cfg.ingredients.dir)
-        report_errors(run, cfg)
+        for cfg in cfgs:
+            log.info("sweep finished: building soups from every ingredient in %s", cfg.ingredients.dir)
+            report_errors(run, cfg)
 
 
 def soup_job(launcher: DictConfig, cfg: DictConfig):
