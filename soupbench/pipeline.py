@@ -187,20 +187,25 @@ class Run:
 
     def soup_stage(self, ingredients: list[Ingredient]) -> None:
         bn = container(self.cfg.bn_recalibration)
+        built: dict[str, dict] = {}          # this run's soups so far (name -> meta): a later soup may start from one
         for name, scfg in selected_soups(self.cfg).items():
             settings = container(scfg)
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.run_dir / "soups" / f"{name}.json"
-            if meta_path.is_file() and read_json(meta_path).get("settings_hash") == key:
+            if meta_path.is_file() and (old := read_json(meta_path)).get("settings_hash") == key and all(
+                    built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
                 log.info("soup %s: reusing %s", name, meta_path)
+                built[name] = old
                 continue
             make_soup = build(scfg)
+            used: dict[str, str] = {}
             ctx = SoupContext(
                 ingredients=ingredients, base=self.base, heldout=self.data.heldout,
                 model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
-                ingredient_logits=self.ingredient_logits, progress=self.progress)
+                ingredient_logits=self.ingredient_logits, progress=self.progress,
+                earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used))
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
@@ -211,15 +216,29 @@ class Run:
                 result.info["bn_recalibrated_on"] = len(images)
             elapsed = time.perf_counter() - t0
             meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
-                    "members": result.members,
+                    "members": result.members, "depends_on": used,
                     "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
             if result.state is not None:
                 meta["fingerprint"] = fingerprint(result.state)
                 save_weights(self.run_dir / "soups" / f"{name}.safetensors", result.state,
                              {"method": name, "members": ",".join(result.members)})
             write_json(meta_path, meta)
+            built[name] = meta
             shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
             log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
+
+    def earlier_soup(self, built: dict[str, dict], name: str, wanted: str, used: dict[str, str]) -> SoupResult:
+        """Soup `wanted`, built before soup `name` in this run (WiSE-FT on top of greedy); recorded in `used`
+        so that `name` is rebuilt when `wanted` changes."""
+        meta = built.get(wanted)
+        if meta is None:
+            raise ConfigError(f"soup.{name} starts from soup '{wanted}', which is not built before it in this run "
+                              f"(built so far: {list(built)}): list {wanted} before {name} in soup=[...]")
+        if meta["kind"] != "weights":
+            raise ConfigError(f"soup.{name} starts from soup '{wanted}', an output ensemble: it has no weights")
+        used[wanted] = meta["fingerprint"]
+        return SoupResult(meta["members"], load_weights(self.run_dir / "soups" / f"{wanted}.safetensors"),
+                          meta["info"])
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:

@@ -6,6 +6,8 @@ selected by its config's `_target_` under `conf/soup/`.
 - greedy.py           greedy soup (held-out order, keep an ingredient if held-out accuracy does not drop)
 - learned.py          learned, learned+, HL-Soup(+), MEHL-Soup(+): one coefficient-learning engine
 - ensemble.py         output ensemble and greedy ensemble (K forward passes at inference)
+- wise_ft.py          WiSE-FT: interpolation of the start and the best ingredient (or an earlier soup)
+- model_stock.py      Model Stock: the average pulled towards the start by the task vectors' angle
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from soupbench.data import Split
 from soupbench.ingredients import Ingredient
 
 
+def _no_earlier_soups(name: str) -> SoupResult:
+    from soupbench.errors import ConfigError
+
+    raise ConfigError(f"soup '{name}' was asked for, but no earlier soups are available here")
+
+
 @dataclass
 class SoupContext:
     """What every soup method may use. Selection uses only the held-out split."""
@@ -34,6 +42,9 @@ class SoupContext:
     heldout_accuracy: Callable[[Mapping[str, torch.Tensor]], float]   # uncached, for one-off candidates
     ingredient_logits: Callable[[Ingredient, str], torch.Tensor]       # cached held-out logits
     progress: bool = False
+    # a soup built before this one in the same run (soup=[...] order), by name: members and weights (CPU);
+    # the pipeline records which ones a soup used and rebuilds it when they change
+    earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups
 
 
 @dataclass
