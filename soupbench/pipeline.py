@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from soupbench import report, stats, tracking
+from soupbench import diagnostics, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
@@ -281,6 +281,8 @@ class Run:
         save_weights(self.run_dir / "correct.safetensors",
                      {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
         results["bootstrap"] = self.bootstrap(hits)
+        if self.cfg.diagnostics.enabled:
+            results["diagnostics"] = self.diagnostics(ingredients, results)
         write_json(self.run_dir / "results.json", results)
         return results
 
@@ -294,6 +296,16 @@ class Run:
         deltas = stats.paired_deltas(methods, splits, list(self.data.ood), list(b.references), b.num_samples,
                                      b.confidence, b.seed)
         return {"num_samples": b.num_samples, "confidence": b.confidence, "seed": b.seed, "deltas": deltas}
+
+    def diagnostics(self, ingredients: list[Ingredient], results: dict) -> dict:
+        """Why the soups did or did not help (soupbench.diagnostics): search-space edges, the basin check (the
+        best two's midpoint: one held-out pass, cached like any logits) and a suggestion."""
+        d = self.cfg.diagnostics
+        out = diagnostics.diagnose(results, ingredients, container(self.cfg.finetune.space),
+                                   lambda s: self.evaluator.accuracy(s, "heldout"), d.top, d.edge_frac, d.barrier_tol)
+        for line in out["lines"]:
+            log.info("diagnostics: %s", line)
+        return out
 
 
 def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
