@@ -3,9 +3,9 @@
 1. Edges of the search space: do the best ingredients' hyperparameters sit at an edge of `finetune.space`
    (numeric ranges: within `edge_frac` of an end, in log space for log_uniform; numeric lists: the smallest
    or largest choice; other lists: the first or last)? Then the best model probably lies outside the space.
-   A range counts when most of the top N sit at one end; a list only when all of them pick the same end
-   (with two choices, some two of any three always agree), and only ordered (numeric) dimensions feed the
-   suggestion.
+   A range counts when the best ingredient or most of the top N sit at one end; a list only when all of
+   them pick the same end (with two choices, some two of any three always agree), and only ordered (numeric)
+   dimensions feed the suggestion.
 2. One basin: is the midpoint of the two best ingredients about as accurate on held-out as they are, and
    how far is the uniform soup from the mean ingredient? Weight averaging only works inside one basin.
 3. A suggestion, when every weight soup of two or more ingredients trails the best individual on held-out.
@@ -72,17 +72,20 @@ def hyperparameter_edges(ingredients: Mapping[str, dict], space: Mapping[str, An
     return out
 
 
-def edge_summary(edges: list[dict], top: int) -> dict[str, dict]:
-    """Hyperparameters where the top N sit at the same edge (a range: more than half of them; a list: all of
-    them, N >= 2): {name: {edge, count, of, values}}."""
-    counts: dict[tuple[str, str], list] = {}
-    kinds: dict[str, str] = {}
+def edge_summary(edges: list[dict], top: int, best_id: str | None = None) -> dict[str, dict]:
+    """Hyperparameters at an edge worth reporting: a range where the best ingredient (`best_id`) or more than
+    half of the top N sit at one end; a list where all of the top N (N >= 2) do.
+    {name: {edge, count, of, values, best}}; `best`: the best ingredient is among them."""
+    hits: dict[tuple[str, str], list[dict]] = {}
     for e in edges:
-        counts.setdefault((e["hyperparameter"], e["edge"]), []).append(e["value"])
-        kinds[e["hyperparameter"]] = e["kind"]
-    return {name: {"edge": edge, "count": len(vals), "of": top, "values": vals}
-            for (name, edge), vals in counts.items()
-            if (len(vals) == top >= 2 if kinds[name] == "list" else len(vals) > top / 2)}
+        hits.setdefault((e["hyperparameter"], e["edge"]), []).append(e)
+    out: dict[str, dict] = {}
+    for (name, edge), es in hits.items():
+        best = any(e["id"] == best_id for e in es)
+        keep = len(es) == top >= 2 if es[0]["kind"] == "list" else (best or len(es) > top / 2)
+        if keep and (name not in out or len(es) > out[name]["count"]):
+            out[name] = {"edge": edge, "count": len(es), "of": top, "values": [e["value"] for e in es], "best": best}
+    return out
 
 
 def basin(ingredients: list[Ingredient], accs: Mapping[str, dict], uniform_heldout: float | None,
@@ -112,8 +115,9 @@ def suggestion(summary: Mapping[str, dict], basin_: Mapping[str, Any]) -> str:
         if s["edge"] not in ("low", "high"):
             continue                                   # the ends of an unordered list say nothing about range
         if name == "lr":
+            who = "the best ingredient" if s["best"] and s["count"] == 1 else f"{s['count']}/{s['of']} of the best"
             parts.append(f"shift the lr range {'up' if s['edge'] == 'high' else 'down'} or widen it "
-                         f"({s['count']}/{s['of']} of the best at its {s['edge']} end)")
+                         f"({who} at its {s['edge']} end)")
         elif name == "epochs" and s["edge"] == "high":
             parts.append(f"train longer ({s['count']}/{s['of']} of the best at the most epochs)")
         else:
@@ -132,7 +136,7 @@ def diagnose(results: dict, ingredients: list[Ingredient], space: Mapping[str, A
     methods = results["methods"]
     edges = hyperparameter_edges(accs, space, top, edge_frac)
     n_top = min(top, len(accs))
-    summary = edge_summary(edges, n_top)
+    summary = edge_summary(edges, n_top, min(accs, key=lambda g: (-accs[g]["heldout"], g)) if accs else None)
     uniform = methods.get("uniform", {}).get("heldout") if methods.get("uniform", {}).get("kind") == "weights" else None
     basin_ = basin(ingredients, accs, uniform, heldout_accuracy, barrier_tol)
     best = max(g["heldout"] for g in accs.values())
@@ -141,10 +145,12 @@ def diagnose(results: dict, ingredients: list[Ingredient], space: Mapping[str, A
     lines = []
     if summary:
         lines.append(f"edges of finetune.space (top {n_top} by held-out): " + "; ".join(
-            f"{name} at {where(s['edge'])} ({s['count']}/{s['of']}: {', '.join(fmt(v) for v in s['values'])})"
+            f"{name} at {where(s['edge'])} ({'the best ingredient, ' if s['best'] else ''}{s['count']}/{s['of']}: "
+            f"{', '.join(fmt(v) for v in s['values'])})"
             for name, s in summary.items()))
     else:
-        lines.append(f"edges of finetune.space: no hyperparameter of most of the top {n_top} sits at an edge")
+        lines.append(f"edges of finetune.space: no hyperparameter of the best or most of the top {n_top} sits at an "
+                     "edge")
     if "midpoint_heldout" in basin_:
         verdict = "one basin" if basin_["share_basin"] else "not one basin"
         lines.append(f"basin: midpoint of the best two ({', '.join(basin_['best_two'])}) "

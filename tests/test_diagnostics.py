@@ -62,7 +62,8 @@ def test_soups_that_trail_with_the_best_at_the_top_of_lr_and_epochs(tmp_path):
         ("g1", "epochs", "high"), ("g3", "epochs", "low")}
     assert not any(e["id"] == "g0" for e in d["edges"]) and not any(e["hyperparameter"] == "weight_decay"
                                                                       for e in d["edges"])
-    assert d["edge_summary"]["lr"] == {"edge": "high", "count": 3, "of": 3, "values": [1e-2, 9.5e-3, 9e-3]}
+    assert d["edge_summary"]["lr"] == {"edge": "high", "count": 3, "of": 3, "values": [1e-2, 9.5e-3, 9e-3],
+                                       "best": True}
     assert "epochs" not in d["edge_summary"]        # a list counts only when all of the top three agree
     assert d["edge_summary"]["augment"]["edge"] == "last"
     # basin: midpoint of g2 (+2) and g3 (+3) = base + 2.5, one held-out pass; uniform taken from the table
@@ -90,7 +91,8 @@ def test_a_soup_that_helps_gives_no_suggestion_and_the_uniform_soup_is_evaluated
     results = {"ingredients": accs, "methods": {"greedy": method(83.0, 2)}}
     d = diagnose(results, ings, SPACE, heldout_accuracy)
     # every one of the top three has augment=crop, the last choice of an unordered list: noted, no suggestion
-    assert d["edge_summary"] == {"augment": {"edge": "last", "count": 3, "of": 3, "values": ["crop"] * 3}}
+    assert d["edge_summary"] == {"augment": {"edge": "last", "count": 3, "of": 3, "values": ["crop"] * 3,
+                                             "best": True}}
     assert len(calls) == 2                                     # midpoint and (no uniform soup in the table) uniform
     assert d["basin"]["share_basin"] is True and d["basin"]["barrier"] == pytest.approx(0.0)
     assert d["soups_trail_best"] is False and d["suggestion"] is None
@@ -99,12 +101,25 @@ def test_a_soup_that_helps_gives_no_suggestion_and_the_uniform_soup_is_evaluated
 
 def test_a_list_counts_only_when_all_of_the_top_agree_and_the_most_epochs_means_train_longer():
     accs = {f"g{i}": {"heldout": 90.0 - i, "hyperparameters": {"epochs": ep}} for i, ep in enumerate([4, 4, 1, 2])}
-    assert edge_summary(hyperparameter_edges(accs, SPACE, 3, 0.1), 3) == {}       # 4, 4, 1: not all at one end
+    assert edge_summary(hyperparameter_edges(accs, SPACE, 3, 0.1), 3, "g0") == {}   # 4, 4, 1: not all at one end
     accs["g2"]["hyperparameters"]["epochs"] = 4
-    summary = edge_summary(hyperparameter_edges(accs, SPACE, 3, 0.1), 3)
-    assert summary == {"epochs": {"edge": "high", "count": 3, "of": 3, "values": [4, 4, 4]}}
+    summary = edge_summary(hyperparameter_edges(accs, SPACE, 3, 0.1), 3, "g0")
+    assert summary == {"epochs": {"edge": "high", "count": 3, "of": 3, "values": [4, 4, 4], "best": True}}
     assert suggestion(summary, {}) == "train longer (3/3 of the best at the most epochs)"
     assert suggestion({}, {"share_basin": True}) == "widen or shift the lr range, or train longer"
+
+
+def test_a_range_counts_when_the_best_ingredient_alone_sits_at_its_end():
+    """As in the default run: the best ingredient's lr at 0.98 of the log range, the next two in the middle."""
+    accs = {"a": {"heldout": 90.6, "hyperparameters": {"lr": 9e-3}},
+            "b": {"heldout": 86.4, "hyperparameters": {"lr": 1e-3}},
+            "c": {"heldout": 85.2, "hyperparameters": {"lr": 9e-4}},
+            "d": {"heldout": 80.0, "hyperparameters": {"lr": 1e-4}}}
+    summary = edge_summary(hyperparameter_edges(accs, SPACE, 3, 0.1), 3, "a")
+    assert summary == {"lr": {"edge": "high", "count": 1, "of": 3, "values": [9e-3], "best": True}}
+    assert suggestion(summary, {}) == "shift the lr range up or widen it (the best ingredient at its high end)"
+    accs["a"]["heldout"], accs["b"]["heldout"] = 86.0, 91.0         # b is the best now, a is second: not reported
+    assert edge_summary(hyperparameter_edges(accs, SPACE, 3, 0.1), 3, "b") == {}
 
 
 def test_edges_of_imported_ingredients_without_hyperparameters_are_empty():
