@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from soupbench import resolvers
 
 __version__ = "0.1.0"
 
@@ -20,8 +20,4 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 
-# Where the command runs, fixed once when soupbench is imported: `${launch_dir:}` (paths.root_dir) puts outputs/
-# and data/ there, and keeps meaning this directory if Hydra later changes into a job directory.
-LAUNCH_DIR = Path.cwd()
-if not OmegaConf.has_resolver("launch_dir"):
-    OmegaConf.register_new_resolver("launch_dir", lambda: str(LAUNCH_DIR))
+resolvers.register()

@@ -45,10 +45,19 @@ def reduce_logits(logits: torch.Tensor, class_groups: list[list[int]] | None) ->
     return torch.stack([logits[:, g].max(dim=1).values for g in class_groups], dim=1)
 
 
+def correct(logits: torch.Tensor, split: Split) -> torch.Tensor:
+    """Per-image top-1 correctness (bool, one per image): what paired bootstrap intervals resample."""
+    return reduce_logits(logits, split.class_groups).argmax(dim=1) == split.labels
+
+
+def percent(hits: torch.Tensor) -> float:
+    """Accuracy in percent of a correctness vector."""
+    return 100.0 * hits.float().mean().item()
+
+
 def accuracy(logits: torch.Tensor, split: Split) -> float:
     """Top-1 accuracy in percent."""
-    pred = reduce_logits(logits, split.class_groups).argmax(dim=1)
-    return 100.0 * (pred == split.labels).float().mean().item()
+    return percent(correct(logits, split))
 
 
 def ensemble_logits(member_logits: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -15,12 +15,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from soupbench import report, tracking
+from soupbench import diagnostics, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.config_schema import validate
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
-from soupbench.evaluate import Evaluator, accuracy, ensemble_logits
+from soupbench.evaluate import Evaluator, accuracy, correct, ensemble_logits, percent
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
 from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
@@ -228,21 +228,26 @@ class Run:
 
     def soup_stage(self, ingredients: list[Ingredient]) -> None:
         bn = container(self.cfg.bn_recalibration)
+        built: dict[str, dict] = {}          # this run's soups so far (name -> meta): a later soup may start from one
         for name, scfg in selected_soups(self.cfg).items():
             settings = container(scfg)
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.run_dir / "soups" / f"{name}.json"
-            if meta_path.is_file() and read_json(meta_path).get("settings_hash") == key:
+            if meta_path.is_file() and (old := read_json(meta_path)).get("settings_hash") == key and all(
+                    built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
                 log.info("soup %s: reusing %s", name, meta_path)
+                built[name] = old
                 continue
             make_soup = build(scfg)
+            used: dict[str, str] = {}
             ctx = SoupContext(
                 ingredients=ingredients, base=self.base, heldout=self.data.heldout,
                 model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
                 ingredient_logits=self.ingredient_logits, progress=self.progress, data_key=self.data_key,
-                precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"))
+                precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
+                earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used))
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
@@ -253,23 +258,40 @@ class Run:
                 result.info["bn_recalibrated_on"] = len(images)
             elapsed = time.perf_counter() - t0
             meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
-                    "members": result.members,
+                    "members": result.members, "depends_on": used,
                     "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
             if result.state is not None:
                 meta["fingerprint"] = fingerprint(result.state)
                 save_weights(self.run_dir / "soups" / f"{name}.safetensors", result.state,
                              {"method": name, "members": ",".join(result.members)})
             write_json(meta_path, meta)
+            built[name] = meta
             shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
             log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
+
+    def earlier_soup(self, built: dict[str, dict], name: str, wanted: str, used: dict[str, str]) -> SoupResult:
+        """Soup `wanted`, built before soup `name` in this run (WiSE-FT on top of greedy); recorded in `used`
+        so that `name` is rebuilt when `wanted` changes."""
+        meta = built.get(wanted)
+        if meta is None:
+            raise ConfigError(f"soup.{name} starts from soup '{wanted}', which is not built before it in this run "
+                              f"(built so far: {list(built)}): list {wanted} before {name} in soup=[...]")
+        if meta["kind"] != "weights":
+            raise ConfigError(f"soup.{name} starts from soup '{wanted}', an output ensemble: it has no weights")
+        used[wanted] = meta["fingerprint"]
+        return SoupResult(meta["members"], load_weights(self.run_dir / "soups" / f"{wanted}.safetensors"),
+                          meta["info"])
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:
         splits = self.evaluator.splits
         by_id = {g.id: g for g in ingredients}
         ing_results = {}
+        hits: dict[str, dict[str, torch.Tensor]] = {}      # per-image correctness: "<kind>/<name>" -> split -> bool
         for g in ingredients:
-            accs = {s: accuracy(self.ingredient_logits(g, s), split) for s, split in splits.items()}
+            hits[f"ingredient/{g.id}"] = g_hits = {s: correct(self.ingredient_logits(g, s), split)
+                                                   for s, split in splits.items()}
+            accs = {s: percent(h) for s, h in g_hits.items()}
             ing_results[g.id] = {**accs, "ood_avg": ood_average(accs, self.data), "hyperparameters":
                                  g.meta.get("hyperparameters", {})}
         methods = {}
@@ -278,28 +300,55 @@ class Run:
             if not meta_path.is_file():
                 raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
             meta = read_json(meta_path)
+            hits[f"method/{name}"] = method_hits = {}
             if meta["kind"] == "weights":
                 state = None
-                accs = {}
                 for s, split in splits.items():
                     logits = self.evaluator.cached_logits(meta["fingerprint"], s)
                     if logits is None:
                         state = state or load_weights(self.run_dir / "soups" / f"{name}.safetensors")
                         logits = self.evaluator.logits(state, s, meta["fingerprint"])
-                    accs[s] = accuracy(logits, split)
+                    method_hits[s] = correct(logits, split)
             else:
                 members = [by_id[m] for m in meta["members"]]
-                accs = {s: accuracy(ensemble_logits([self.ingredient_logits(g, s) for g in members]), split)
-                        for s, split in splits.items()}
+                for s, split in splits.items():
+                    method_hits[s] = correct(ensemble_logits(self.ingredient_logits(g, s) for g in members), split)
+            accs = {s: percent(h) for s, h in method_hits.items()}
             methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
                              "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],
                              "peak_mem_mb": meta.get("peak_mem_mb")}
-        results = {"name": self.cfg.name, "splits": {s: len(v) for s, v in splits.items()},
+        results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
                    "config": container(self.cfg)}
+        save_weights(self.run_dir / "correct.safetensors",
+                     {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
+        results["bootstrap"] = self.bootstrap(hits)
+        if self.cfg.diagnostics.enabled:
+            results["diagnostics"] = self.diagnostics(ingredients, results)
         write_json(self.run_dir / "results.json", results)
         return results
+
+    def bootstrap(self, hits: dict[str, dict[str, torch.Tensor]]) -> dict:
+        """Paired bootstrap intervals of every method's difference to the references (report.bootstrap), on
+        the test and OOD splits, from the per-image correctness the evaluate stage just computed."""
+        b = self.cfg.report.bootstrap
+        methods = {k.removeprefix("method/"): {s: h.numpy() for s, h in v.items()}
+                   for k, v in hits.items() if k.startswith("method/")}
+        splits = [s for s in self.evaluator.splits if s != "heldout"]
+        deltas = stats.paired_deltas(methods, splits, list(self.data.ood), list(b.references), b.num_samples,
+                                     b.confidence, b.seed)
+        return {"num_samples": b.num_samples, "confidence": b.confidence, "seed": b.seed, "deltas": deltas}
+
+    def diagnostics(self, ingredients: list[Ingredient], results: dict) -> dict:
+        """Why the soups did or did not help (soupbench.diagnostics): search-space edges, the basin check (the
+        best two's midpoint: one held-out pass, cached like any logits) and a suggestion."""
+        d = self.cfg.diagnostics
+        out = diagnostics.diagnose(results, ingredients, container(self.cfg.finetune.space),
+                                   lambda s: self.evaluator.accuracy(s, "heldout"), d.top, d.edge_frac, d.barrier_tol)
+        for line in out["lines"]:
+            log.info("diagnostics: %s", line)
+        return out
 
 
 def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
@@ -366,7 +415,7 @@ def run(cfg: DictConfig) -> dict | None:
     if one_job and stages != list(cfg.stages):
         log.info("finetune.index=%s: this job trains one ingredient; soups are built once the sweep is done",
                  cfg.finetune.index)
-    tracker = tracking.start(cfg, f"{cfg.name}-ft{cfg.finetune.index:03d}" if one_job else cfg.name,
+    tracker = tracking.start(cfg, f"{cfg.run_name}-ft{cfg.finetune.index:03d}" if one_job else cfg.run_name,
                              "finetune" if one_job else "soup")
     try:
         run_.prepare_base()

@@ -1,4 +1,6 @@
-"""The final report: the results table printed and logged, results.json beside it."""
+"""The final report: the results table printed, written as results.txt / results.md / results.tex, and logged;
+results.json beside it. Each method's difference to the best individual and to the ensemble comes with its
+paired bootstrap interval (soupbench.stats), so a table says which gaps are more than noise."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from pathlib import Path
 
 from soupbench import plots
 from soupbench.io import atomic_path, read_json
+from soupbench.tables import Interval, Signed, render
 from soupbench.tracking import Tracker
 
 
@@ -26,7 +29,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
             row.append(m[s])
             if s in with_paper:
                 ref = paper.get(name, {}).get(s)
-                row += [ref, None if ref is None or m[s] is None else m[s] - ref]
+                row += [ref, None if ref is None or m[s] is None else Signed(m[s] - ref)]
         rows.append([*row, m["soup_time_s"]])
     return columns, rows
 
@@ -41,38 +44,57 @@ def ingredient_rows(results: dict) -> tuple[list[str], list[list]]:
     return columns, rows
 
 
-def format_table(results: dict) -> str:
-    columns, rows = table_rows(results)
-    cells = [[_cell(c, col) for c, col in zip(r, columns, strict=True)] for r in rows]
-    widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) for i in range(len(columns))]
+def delta_tables(results: dict) -> list[tuple[str, list[str], list[list], str]]:
+    """(reference, columns, rows of Interval cells, title) per reference in results["bootstrap"]."""
+    boot = results.get("bootstrap") or {}
+    out = []
+    for ref, by_method in (boot.get("deltas") or {}).items():
+        splits = [s for s in (*results["splits"], "ood_avg") if any(s in v for v in by_method.values())]
+        rows = [[m, *[Interval(v[s]["delta"], v[s]["lo"], v[s]["hi"]) if s in v else None for s in splits]]
+                for m, v in by_method.items()]
+        title = (f"Δ vs {ref} (percentage points, {boot['confidence']:.0%} paired bootstrap interval over "
+                 f"images, {boot['num_samples']} resamples)")
+        out.append((ref, ["method", *[f"Δ{s}" for s in splits]], rows, title))
+    return out
 
-    def fmt(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
 
+MARK_NOTE = {"text": "* the interval excludes 0", "markdown": "Bold: the interval excludes 0.",
+             "latex": "bold: the interval excludes 0"}
+
+
+def format_report(results: dict, fmt: str = "text") -> str:
+    """The results table, the Δ tables and (text, Markdown) the diagnostics, in one format."""
     sizes = ", ".join(f"{k}={v}" for k, v in results["splits"].items())
-    lines = [f"soupbench results: {results['name']}  (top-1 %, images: {sizes})", fmt(columns),
-             fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)]
-    lines += [f"warning: {w}" for w in results.get("warnings", [])]
-    return "\n".join(lines)
+    parts = [render(*table_rows(results), fmt, f"soupbench results: {results['name']}  (top-1 %, images: {sizes})",
+                    [f"warning: {w}" for w in results.get("warnings", [])])]
+    for _, columns, rows, title in delta_tables(results):
+        parts.append(render(columns, rows, fmt, title, [MARK_NOTE[fmt]]))
+    diag = results.get("diagnostics")
+    if diag and fmt != "latex":
+        lines = diag.get("lines", [])
+        parts.append("\n".join(["Why the soups did or did not help:", *(f"  {x}" for x in lines)]) if fmt == "text"
+                     else "\n".join(["**Why the soups did or did not help**", "", *(f"- {x}" for x in lines)]))
+    return "\n\n".join(parts)
 
 
-def _cell(c, column: str) -> str:
-    if c is None:
-        return "-"
-    if isinstance(c, str):
-        return c
-    if isinstance(c, float):
-        return f"{c:+.2f}" if column.endswith(" Δ") else f"{c:.2f}"
-    return str(c)
+def format_table(results: dict) -> str:
+    return format_report(results, "text")
 
 
 def report(results: dict, run_dir: Path, tracker: Tracker) -> str:
-    text = format_table(results)
+    text = format_report(results, "text")
     print(text, flush=True)
-    with atomic_path(run_dir / "results.txt") as tmp:
-        tmp.write_text(text + "\n")
+    for suffix, fmt in (("txt", "text"), ("md", "markdown"), ("tex", "latex")):
+        with atomic_path(run_dir / f"results.{suffix}") as tmp:
+            tmp.write_text((text if fmt == "text" else format_report(results, fmt)) + "\n")
     tracker.log_table("results", *table_rows(results))
     tracker.log_table("ingredient_results", *ingredient_rows(results))
+    for ref, by_method in ((results.get("bootstrap") or {}).get("deltas") or {}).items():
+        tracker.log_table(f"delta_vs_{ref}", ["method", "split", "delta", "lo", "hi", "excludes_zero"],
+                          [[m, s, v["delta"], v["lo"], v["hi"], v["excludes_zero"]]
+                           for m, by_split in by_method.items() for s, v in by_split.items()])
+    if results.get("diagnostics"):
+        log_diagnostics(results["diagnostics"], tracker)
     tracker.log_metrics({f"{name}/{k}": v for name, m in results["methods"].items() for k, v in m.items()
                          if isinstance(v, int | float)})
     figures = plots.all_plots(results, run_dir)
@@ -80,6 +102,16 @@ def report(results: dict, run_dir: Path, tracker: Tracker) -> str:
     log_soup_artifacts(results, run_dir, tracker)
     print(f"results: {run_dir / 'results.json'}")
     return text
+
+
+def log_diagnostics(diag: dict, tracker: Tracker) -> None:
+    """The edge table and the basin numbers to W&B (the lines are in results.txt and the log)."""
+    tracker.log_table("diagnostics_edges", ["ingredient", "heldout", "hyperparameter", "value", "edge", "position"],
+                      [[e["id"], e["heldout"], e["hyperparameter"], str(e["value"]), e["edge"], e["position"]]
+                       for e in diag.get("edges", [])])
+    tracker.log_metrics({f"diagnostics/{k}": v for k, v in (diag.get("basin") or {}).items()
+                         if isinstance(v, int | float) and not isinstance(v, bool)})
+    tracker.log_table("diagnostics", ["line"], [[x] for x in diag.get("lines", [])])
 
 
 def log_soup_artifacts(results: dict, run_dir: Path, tracker: Tracker) -> None:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from soupbench.config_schema import check_settings
 from soupbench.errors import report_errors
 from soupbench.io import write_json
+from soupbench.resolvers import override_values, seed_tag
 
 log = logging.getLogger("soupbench")
 FAILED_MARKER = "FAILED.json"
@@ -34,11 +35,15 @@ def sweeps_ingredients(config: DictConfig) -> bool:
     return "finetune.index" in params
 
 
-def after_sweep_config(config: DictConfig) -> DictConfig:
-    """The sweep's config as one ordinary run of the remaining stages over every ingredient. Its paths are
-    resolved here, so a soup job submitted elsewhere (submitit) writes where the sweep's jobs wrote."""
+def after_sweep_config(config: DictConfig, seed: int | None = None) -> DictConfig:
+    """The sweep's config as one ordinary run of the remaining stages over every ingredient (of one `seed`,
+    when the sweep also swept seeds). Its paths are resolved here, so a soup job submitted elsewhere
+    (submitit) writes where the sweep's jobs wrote."""
     cfg = copy.deepcopy(config)
     with open_dict(cfg):
+        if seed is not None:
+            cfg.seed = seed
+        cfg.run_name = f"{cfg.name}{seed_tag(config.hydra, cfg.seed, multirun=True)}"
         del cfg["hydra"]
         cfg.paths = OmegaConf.to_container(cfg.paths, resolve=True)
         cfg.finetune.index = None
@@ -64,22 +69,27 @@ class SoupAfterSweep(Callback):
             return
         from soupbench.pipeline import run
 
-        cfg = after_sweep_config(config)
-        if not cfg.stages:
+        seeds = override_values(config.hydra, "seed")         # a sweep over seeds too: one soup run per seed
+        cfgs = [after_sweep_config(config, int(s)) for s in seeds] if seeds else [after_sweep_config(config)]
+        if not cfgs[0].stages:
             return
         launcher = config.hydra.launcher
         if launcher._target_.startswith("hydra_plugins.hydra_submitit_launcher."):
             # on a cluster the launching process sits on a login node: the soups run as one more job, with the
             # sweep's own resources (GPU, memory, partition), and this process waits for it
-            log.info("sweep finished: submitting the soup job for every ingredient in %s", cfg.ingredients.dir)
-            soup_job(launcher, cfg).result()
-            table = Path(cfg.paths.run_dir) / "results.txt"
-            if table.is_file():
-                print(table.read_text(), flush=True)
-            log.info("soup job done: %s", Path(cfg.paths.run_dir) / "results.json")
+            for cfg in cfgs:
+                log.info("sweep finished: submitting the soup job for every ingredient in %s", cfg.ingredients.dir)
+            jobs = [soup_job(launcher, cfg) for cfg in cfgs]
+            for cfg, job in zip(cfgs, jobs, strict=True):
+                job.result()
+                table = Path(cfg.paths.run_dir) / "results.txt"
+                if table.is_file():
+                    print(table.read_text(), flush=True)
+                log.info("soup job done: %s", Path(cfg.paths.run_dir) / "results.json")
             return
-        log.info("sweep finished: building soups from every ingredient in %s", cfg.ingredients.dir)
-        report_errors(run, cfg)
+        for cfg in cfgs:
+            log.info("sweep finished: building soups from every ingredient in %s", cfg.ingredients.dir)
+            report_errors(run, cfg)
 
 
 def soup_job(launcher: DictConfig, cfg: DictConfig):

@@ -33,7 +33,7 @@ def test_default_composition():
     cfg = compose_cfg()
     assert cfg.backbone.variant == "lite0" and cfg.backbone.weights == "wheel"
     assert list(cfg.soup) == ["best_individual", "uniform", "greedy", "learned", "learned_plus", "hl", "hl_plus",
-                              "mehl", "mehl_plus", "ensemble"]
+                              "mehl", "mehl_plus", "wise_ft", "model_stock", "ensemble"]
     assert cfg.finetune.freeze_bn is True
     assert cfg.logger.kind == "wandb" and cfg.logger.mode == "offline"
 
@@ -80,7 +80,7 @@ def test_paper_presets_carry_the_paper_settings_and_only_their_soups(tmp_path):
     assert table.backbone.model_name == "ViT-B-32-quickgelu" and table.dataset._target_.endswith("imagenet.load")
     assert table.soup.mehl_plus.block_size == 18 and table.soup.mehl_plus.epochs == 5
     assert table.soup.greedy.accept == ">" and table.finetune.linear_probe.max_iter == 0
-    assert len(selected_soups(table)) == 10
+    assert len(selected_soups(table)) == 12
     topk = compose_cfg(["experiment=mehl_ablation_topk"], tmp_path)
     assert list(selected_soups(topk)) == ["greedy", "mehl_plus"]        # the table's other settings are inert
     assert topk.name == "mehl_topk_0" and topk.ingredients.dir.endswith("imagenet_vit_b32/ingredients")

@@ -37,6 +37,7 @@ def test_offline_wandb_run_holds_table_plots_and_soup(tiny_run, tmp_path, monkey
     table = json.loads(tables[0].read_text())
     assert table["columns"][:4] == ["id", "heldout", "test", "digits"] and "lr" in table["columns"]
     assert sorted(r[0] for r in table["data"]) == sorted(results["ingredients"])
+    assert any("delta_vs_best_individual_" in f and f.endswith(".table.json") for f in files), files
     assert any("id_vs_ood" in f and f.endswith(".png") for f in files), files
     log = next(runs[0].glob("*.wandb")).read_bytes()     # offline: the summary lives in the run's record log
     assert b"greedy/heldout" in log and b"soup-tiny-greedy" in log   # metrics and the soup artifact

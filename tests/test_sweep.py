@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import soupbench
 from soupbench.io import read_json
 from soupbench.sweep import FAILED_MARKER, SoupAfterSweep, after_sweep_config, sweeps_ingredients
+from tests.conftest import compose_cfg
 
 
 def sweep(tmp: Path, *overrides: str, launcher: str = "local") -> subprocess.CompletedProcess:
@@ -96,3 +97,52 @@ def test_a_bad_setting_stops_the_sweep_before_any_job(capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "soupbench: error: eval.batch_size=-1: expected an integer >= 1\n"
     callback.on_multirun_start(config=multirun_cfg(["finetune.index=0,1", "device=cuda"]))
+
+
+def job_cfg(overrides: list[str], tmp: Path):
+    """A job's config as Hydra hands it to the task (hydra node included), with HydraConfig set as in a job."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(soupbench.CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.output_dir={tmp}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_a_seed_sweep_lands_in_one_run_directory_per_seed(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        job = job_cfg(["seed=1", "hydra.mode=MULTIRUN"], tmp_path)
+        assert job.run_name == "default_seed1" and job.paths.run_dir == str(tmp_path / "default_seed1")
+        assert job.ingredients.dir == str(tmp_path / "default_seed1" / "ingredients")
+        assert job.logger.group == "default"                                 # W&B groups the seeds together
+        job = job_cfg(["finetune.index=1", "hydra.mode=MULTIRUN"], tmp_path)   # an ingredient sweep: unchanged
+        assert job.paths.run_dir == str(tmp_path / "default")
+        job = job_cfg(["seed=1", "hydra.mode=RUN"], tmp_path)                  # a single run: unchanged
+        assert job.paths.run_dir == str(tmp_path / "default")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert compose_cfg(["seed=2"], tmp_path).paths.run_dir == str(tmp_path / "default")   # tests, compose API
+
+
+def test_after_sweep_soups_each_seed_of_a_seed_and_ingredient_sweep(monkeypatch):
+    import soupbench.pipeline
+    from soupbench.sweep import override_values
+
+    assert override_values(multirun_cfg(["seed=range(3)"]).hydra, "seed") == ["0", "1", "2"]
+    assert override_values(multirun_cfg(["seed=4"]).hydra, "seed") == ["4"]
+    assert override_values(multirun_cfg(["finetune.index=0,1"]).hydra, "seed") is None
+    ran = []
+    monkeypatch.setattr(soupbench.pipeline, "run", lambda cfg: ran.append((cfg.seed, cfg.run_name, cfg.paths.run_dir)))
+    SoupAfterSweep().on_multirun_end(multirun_cfg(["seed=0,1", "finetune.index=0,1", "hydra.mode=MULTIRUN"]))
+    assert [(s, n) for s, n, _ in ran] == [(0, "default_seed0"), (1, "default_seed1")]
+    assert ran[1][2].endswith("outputs/default_seed1")
+    ran.clear()
+    SoupAfterSweep().on_multirun_end(multirun_cfg(["finetune.index=0,1", "seed=3", "hydra.mode=MULTIRUN"]))
+    assert [(s, n) for s, n, _ in ran] == [(3, "default_seed3")]         # where the jobs (seed=3) put them
+    ran.clear()
+    SoupAfterSweep().on_multirun_end(multirun_cfg(["finetune.index=0,1", "hydra.mode=MULTIRUN"]))
+    assert [(s, n) for s, n, _ in ran] == [(0, "default")]

@@ -6,6 +6,8 @@ selected by its config's `_target_` under `conf/soup/`.
 - greedy.py           greedy soup (held-out order, keep an ingredient if held-out accuracy does not drop)
 - learned.py          learned, learned+, HL-Soup(+), MEHL-Soup(+): one coefficient-learning engine
 - ensemble.py         output ensemble and greedy ensemble (K forward passes at inference)
+- wise_ft.py          WiSE-FT: interpolation of the start and the best ingredient (or an earlier soup)
+- model_stock.py      Model Stock: the average pulled towards the start by the task vectors' angle
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ import torch
 
 from soupbench.data import Split
 from soupbench.ingredients import Ingredient
+
+
+def _no_earlier_soups(name: str) -> SoupResult:
+    from soupbench.errors import ConfigError
+
+    raise ConfigError(f"soup '{name}' was asked for, but no earlier soups are available here")
 
 
 @dataclass
@@ -37,6 +45,9 @@ class SoupContext:
     data_key: str = ""                     # settings hash of the data: resume state is valid for this data only
     precision: str = "auto"                # eval.precision, for the learned soups' forward passes
     heldout_images: torch.Tensor | None = None   # the evaluator's copy (on the GPU when resident), shared
+    # a soup built before this one in the same run (soup=[...] order), by name: members and weights (CPU);
+    # the pipeline records which ones a soup used and rebuilds it when they change
+    earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""Model Stock (Jang et al., ECCV 2024, "Model Stock: All we need is just a few fine-tuned models"): average
+the k ingredients, then pull the average towards the start θ0 by how much their task vectors agree, per
+tensor:
+
+    τ_i = θ_i − θ0,   cos φ = mean pairwise cosine of the τ_i,   t = k·cos φ / (1 + (k − 1)·cos φ),
+    θ = t·θ_avg + (1 − t)·θ0.
+
+Nearly parallel task vectors (cos φ → 1) keep the average (t → 1); nearly orthogonal ones (cos φ → 0) fall
+back to the start. No held-out data is used.
+
+Streamed: one pass over the ingredients, two in memory at most (one loading). The mean pairwise cosine needs
+no pairs: with unit vectors u_i = τ_i / ||τ_i||, ||Σ u_i||² = k + 2·Σ_{i<j} cos_ij, so only Σ θ_i and Σ u_i are
+kept (float64).
+
+Every floating-point tensor, BatchNorm statistics included, follows the rule (as soupbench.soups.average
+averages them all); integer buffers are the first ingredient's. Degenerate cases, each listed in `info`:
+k = 1 gives that ingredient (t = 1); a zero task vector has no direction and counts as cosine 0 with every
+other; a tensor no ingredient changed keeps θ0 (= the average); a negative mean cosine is clamped to 0 (t = 0,
+θ0), since the formula is meant for agreeing directions and would leave [0, 1] there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from soupbench.soups import SoupContext, SoupResult, is_averaged, stream_states
+
+
+def interpolation_ratio(cos: float, k: int) -> float:
+    """t = k·cos / (1 + (k − 1)·cos) for cos in [0, 1]; 1 for a single model."""
+    if k == 1:
+        return 1.0
+    return k * cos / (1.0 + (k - 1) * cos)
+
+
+def build(ctx: SoupContext) -> SoupResult:
+    k = len(ctx.ingredients)
+    total: dict[str, torch.Tensor] = {}          # Σ θ_i
+    unit_sum: dict[str, torch.Tensor] = {}       # Σ τ_i / ||τ_i|| over the non-zero τ_i
+    nonzero: dict[str, int] = {}
+    first: dict[str, torch.Tensor] = {}
+    for _, state in stream_states(ctx.ingredients):
+        for name, v in state.items():
+            first.setdefault(name, v)
+            if not is_averaged(v):
+                continue
+            v64 = v.double()
+            tau = v64 - ctx.base[name].double()
+            norm = torch.linalg.vector_norm(tau)
+            if name not in total:
+                total[name], unit_sum[name], nonzero[name] = v64.clone(), torch.zeros_like(v64), 0
+            else:
+                total[name] += v64
+            if norm > 0:
+                unit_sum[name] += tau / norm
+                nonzero[name] += 1
+    soup: dict[str, torch.Tensor] = {}
+    per_tensor: dict[str, dict[str, float]] = {}
+    unchanged, clamped = [], []
+    for name, v in first.items():
+        if name not in total:
+            soup[name] = v
+            continue
+        m = nonzero[name]
+        if k == 1 or m == 0:
+            cos, t = 1.0, 1.0            # one model, or nothing moved: the average is the answer (= θ0 when m == 0)
+            if m == 0 and k > 1:
+                unchanged.append(name)
+        else:
+            cos = (float(unit_sum[name].pow(2).sum()) - m) / (k * (k - 1))
+            if cos < 0:
+                clamped.append(name)
+            cos = min(max(cos, 0.0), 1.0)
+            t = interpolation_ratio(cos, k)
+        avg = total[name] / k
+        soup[name] = (t * avg + (1.0 - t) * ctx.base[name].double()).to(v.dtype)
+        per_tensor[name] = {"cos": cos, "t": t}
+    ts = [p["t"] for p in per_tensor.values()]
+    info = {"k": k, "per_tensor": per_tensor, "mean_t": sum(ts) / len(ts) if ts else None,
+            "unchanged_tensors": unchanged, "clamped_tensors": clamped,
+            "notes": [n for n, cond in (
+                ("k = 1: the soup is that ingredient", k == 1),
+                (f"{len(unchanged)} tensor(s) no ingredient changed: kept at θ0", bool(unchanged)),
+                (f"{len(clamped)} tensor(s) with a negative mean cosine: clamped to 0, kept at θ0", bool(clamped)),
+            ) if cond]}
+    return SoupResult([g.id for g in ctx.ingredients], soup, info)
