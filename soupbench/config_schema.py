@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from soupbench.errors import ConfigError
 
 Key = tuple[str | int, ...]           # a path into the config: ("soup", "greedy", "accept"), ("stages", 0)
-DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform")
+DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "uniform_or_zero", "rand_augment")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,14 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("finetune.space.weight_decay", float, ">=0", form="space"),
     Rule("finetune.space.epochs", int, ">=1", form="space"),
     Rule("finetune.space.label_smoothing", float, ">=0,<1", form="space"),
-    Rule("finetune.space.augment", str, ("none", "crop", "crop_flip"), form="space"),
+    Rule("finetune.space.augment", str, ("none", "crop", "crop_flip", "rrc_flip"), form="space"),
+    Rule("finetune.space.randaugment", str, r"none|rand(-[a-z]+[\d.]+)+", form="space",
+         what="none or a timm RandAugment string (rand-m9-n2)"),
+    Rule("finetune.space.mixup", float, ">=0", form="space"),
+    Rule("finetune.warmup_steps", int, ">=0", null=True),
+    Rule("finetune.workers", int, ">=0"),
+    Rule("finetune.checkpoint_every", int, ">=1", null=True),
+    Rule("finetune.log_every", int, ">=1"),
     Rule("finetune.batch_size", int, ">=1"),
     Rule("finetune.warmup_frac", float, ">=0,<=1"),
     Rule("finetune.max_grad_norm", float, ">=0", null=True),
@@ -296,8 +303,12 @@ def _fits_space(rule: Rule, value: Any) -> bool:
     if not (isinstance(value, dict) and len(value) == 1):
         return False
     (kind, bounds), = value.items()
-    if kind not in DISTRIBUTIONS or not (isinstance(bounds, list) and len(bounds) == 2) or rule.type is str:
+    if kind not in DISTRIBUTIONS or not (isinstance(bounds, list) and len(bounds) == 2):
         return False
+    if (rule.type is str) != (kind == "rand_augment"):
+        return False
+    if kind == "rand_augment":
+        return all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in bounds) and bounds[0] >= 1
     if rule.type is int and kind != "int_uniform":
         return False
     lo, hi = bounds

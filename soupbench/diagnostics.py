@@ -46,7 +46,7 @@ def edge_position(value: Any, spec: Any) -> float | None:
             if value <= 0 or lo <= 0:
                 return None
             return (math.log(value) - math.log(lo)) / (math.log(hi) - math.log(lo))
-        if kind in ("uniform", "int_uniform"):
+        if kind in ("uniform", "int_uniform") or (kind == "uniform_or_zero" and value != 0):
             return (value - lo) / (hi - lo)
     return None
 

@@ -15,13 +15,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from soupbench import diagnostics, report, stats, tracking
+from soupbench import diagnostics, distributed, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.config_schema import validate
 from soupbench.data import DataBundle
+from soupbench.distributed import barrier
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct, ensemble_logits, percent
-from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
+from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
 from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
 from soupbench.runtime import resolve_device
@@ -58,7 +59,8 @@ class Run:
         if cfg.num_threads:
             torch.set_num_threads(int(cfg.num_threads))
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.world = distributed.init(resolve_device(cfg.device))      # torchrun / SLURM: one rank per device
+        self.device = distributed.local_device(resolve_device(cfg.device), self.world.local_rank)
         self.run_dir = Path(cfg.paths.run_dir)
         self.ingredient_dir = Path(cfg.ingredients.dir)
         self.progress = bool(cfg.progress)
@@ -127,7 +129,7 @@ class Run:
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
-                             self.device, self.progress, lp.init)
+                             self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers)
         self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.base_fp = fingerprint(self.base)
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
@@ -161,25 +163,44 @@ class Run:
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"
             if meta_path.is_file() and read_json(meta_path).get("base_fingerprint") == self.base_fp:
+                if not self.world.main:
+                    continue
                 meta = read_json(meta_path)
                 meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
                 log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
             else:
-                t0 = time.perf_counter()
-                stats = finetune(self.model, self.base, train, hp, seed, ft.batch_size, ft.warmup_frac,
-                                 ft.max_grad_norm, ft.freeze_bn, self.device, self.progress,
-                                 desc=f"ingredient {n + 1}/{len(plan)}")
-                state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-                fp = fingerprint(state)
-                meta = {"hyperparameters": hp, "seed": seed, "fingerprint": fp, "base_fingerprint": self.base_fp,
-                        "heldout_acc": self.evaluator.accuracy(state, "heldout", fp), "heldout_data_key": self.data_key,
-                        "train_time_s": time.perf_counter() - t0, "num_train_images": len(train), **stats}
-                save_ingredient(self.ingredient_dir, gid, state, meta)
-                log.info("ingredient %s: held-out %.2f%% in %.1fs  %s", gid, meta["heldout_acc"],
-                         meta["train_time_s"], hp)
+                meta = self.train_ingredient(gid, hp, seed, train, desc=f"ingredient {n + 1}/{len(plan)}")
+                if meta is None:                 # a rank > 0: rank 0 saved it
+                    continue
             rows.append([gid, meta["heldout_acc"], *[hp[k] for k in sorted(hp)]])
         if rows:
             tracker.log_table("ingredients", ["id", "heldout_acc", *sorted(plan[0][1])], rows)
+
+    def train_ingredient(self, gid: str, hp: dict, seed: int, train: Any, desc: str) -> dict | None:
+        """Fine-tune one ingredient (on every rank of a torch.distributed job) and save it (rank 0), resuming
+        from its checkpoint when an earlier run was killed. Returns its metadata on rank 0, None elsewhere."""
+        ft = self.cfg.finetune
+        settings = TrainSettings(ft.batch_size, ft.warmup_frac, ft.max_grad_norm, ft.freeze_bn,
+                                 self.cfg.dataset.image_size, ft.warmup_steps, ft.workers, ft.checkpoint_every,
+                                 ft.log_every)
+        checkpoint = self.ingredient_dir / "checkpoints" / f"{gid}.pt"
+        t0 = time.perf_counter()
+        stats = finetune(self.model, self.base, train, hp, seed, settings, self.device, self.progress, desc,
+                         checkpoint, self.world)
+        if not self.world.main:
+            barrier()
+            return None
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        fp = fingerprint(state)
+        meta = {"hyperparameters": hp, "seed": seed, "fingerprint": fp, "base_fingerprint": self.base_fp,
+                "heldout_acc": self.evaluator.accuracy(state, "heldout", fp), "heldout_data_key": self.data_key,
+                "train_time_s": time.perf_counter() - t0, "num_train_images": len(train),
+                "world_size": self.world.size, **stats}
+        save_ingredient(self.ingredient_dir, gid, state, meta)
+        checkpoint.unlink(missing_ok=True)
+        barrier()
+        log.info("ingredient %s: held-out %.2f%% in %.1fs  %s", gid, meta["heldout_acc"], meta["train_time_s"], hp)
+        return meta
 
     def import_stage(self, tracker: tracking.Tracker) -> None:
         """Released checkpoints instead of fine-tuning (finetune.import_from)."""
@@ -253,7 +274,8 @@ class Run:
             t0 = time.perf_counter()
             result: SoupResult = make_soup(ctx)
             if bn["enabled"] and result.state is not None and has_batchnorm(self.model):
-                images = self.data.train.sample(bn["num_images"], bn["seed"]).images
+                sample = self.data.train.sample(bn["num_images"], bn["seed"])
+                images = sample.decoded(self.cfg.dataset.image_size).images
                 result.state = recalibrate_batchnorm(self.model, result.state, images, bn["batch_size"], self.device)
                 result.info["bn_recalibrated_on"] = len(images)
             elapsed = time.perf_counter() - t0
@@ -415,8 +437,10 @@ def run(cfg: DictConfig) -> dict | None:
     if one_job and stages != list(cfg.stages):
         log.info("finetune.index=%s: this job trains one ingredient; soups are built once the sweep is done",
                  cfg.finetune.index)
-    tracker = tracking.start(cfg, f"{cfg.run_name}-ft{cfg.finetune.index:03d}" if one_job else cfg.run_name,
-                             "finetune" if one_job else "soup")
+    if not run_.world.main:           # other ranks of a torch.distributed job: fine-tune only, log nothing
+        stages = [s for s in stages if s == "finetune"]
+    tracker = (tracking.start(cfg, f"{cfg.run_name}-ft{cfg.finetune.index:03d}" if one_job else cfg.run_name,
+                              "finetune" if one_job else "soup") if run_.world.main else tracking.Tracker())
     try:
         run_.prepare_base()
         if "finetune" in stages:

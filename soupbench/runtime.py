@@ -4,10 +4,15 @@ learned soups), so each stage runs a forward pass the same way."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from soupbench.config_schema import check_device
 from soupbench.errors import ConfigError
@@ -64,3 +69,54 @@ def lr_schedule(name: str, total_steps: int, warmup_frac: float) -> Callable[[in
     if name == "constant":
         return lambda step: 1.0
     raise ConfigError(f"schedule={name!r}: expected cosine or constant")
+
+
+class LogProgress:
+    """tqdm's interface for logs that are not a terminal (SLURM, CI): one line every `interval` seconds with
+    the rate and the ETA, instead of thousands of carriage-return updates."""
+
+    def __init__(self, iterable: Iterable | None, desc: str, total: int | None, initial: int = 0,
+                 interval: float = 60.0) -> None:
+        self.iterable, self.desc, self.interval = iterable, desc, interval
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n = self.start_n = initial
+        self.postfix = ""
+        self.t0 = self.last = time.monotonic()
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            logging.getLogger("soupbench").info(self.line(now))
+
+    def line(self, now: float) -> str:
+        rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+        eta = f", ETA {_clock((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
+        return f"{self.desc}: {done}, {rate:.2f} it/s{eta}{', ' + self.postfix if self.postfix else ''}"
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_bar(iterable: Iterable | None, desc: str, enabled: bool, total: int | None = None,
+                 initial: int = 0) -> Any:
+    """A tqdm bar in a terminal, periodic log lines elsewhere, nothing when progress is off."""
+    if enabled and not sys.stderr.isatty():
+        return LogProgress(iterable, desc, total, initial)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled, leave=False)

@@ -5,10 +5,11 @@ import torch
 
 from soupbench.backbones import set_batchnorm_eval
 from soupbench.errors import ConfigError
-from soupbench.finetune import augment, finetune, hyperparameter_configs, linear_probe
+from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, linear_probe
 from tests.conftest import random_split, tiny_model
 
 SPACE = {"lr": {"log_uniform": [1e-4, 1e-2]}, "epochs": [1, 2], "augment": ["none", "crop"]}
+SETTINGS = TrainSettings(batch_size=16, warmup_frac=0.1, max_grad_norm=1.0, freeze_bn=True, image_size=8)
 
 
 def test_random_search_is_deterministic_and_prefix_stable():
@@ -17,6 +18,61 @@ def test_random_search_is_deterministic_and_prefix_stable():
     assert a == b[:3]                      # raising num_ingredients keeps the finished ones
     assert a != hyperparameter_configs("random", SPACE, 3, search_seed=1)
     assert all(1e-4 <= c["lr"] <= 1e-2 and c["epochs"] in (1, 2) for c in b)
+
+
+def test_the_model_soups_search_space_draws():
+    """uniform_or_zero: 0 in about half the draws, else in range; rand_augment: a timm string or none."""
+    space = {"smoothing": {"uniform_or_zero": [0.0, 0.25]}, "aug": {"rand_augment": [20, 2]}}
+    draws = hyperparameter_configs("random", space, 400, search_seed=0)
+    zeros = sum(d["smoothing"] == 0 for d in draws)
+    assert 150 < zeros < 250 and all(0 <= d["smoothing"] <= 0.25 for d in draws)
+    augs = [d["aug"] for d in draws if d["aug"] != "none"]
+    assert 150 < len(augs) < 250
+    m_n = [tuple(int(t[1:]) for t in a.split("-")[1:]) for a in augs]
+    assert {m for m, _ in m_n} <= set(range(1, 21)) and {n for _, n in m_n} == {0, 1, 2}
+
+
+def test_mixup_and_randaugment_train_and_resume_the_same(tmp_path, caplog):
+    """The model-soups recipe's augmentations run, and a run resumed from a mid-training checkpoint ends where
+    an uninterrupted one does (per-sample seeds; mixup's λ seeded by step; optimizer and schedule restored)."""
+    hp = {"lr": 1e-2, "weight_decay": 0.1, "epochs": 2, "label_smoothing": 0.1, "augment": "rrc_flip",
+          "randaugment": "rand-m9-n2", "mixup": 0.4}
+    model, train = tiny_model(), random_split(n=64)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(16, 0.1, 1.0, True, 8, checkpoint_every=3)
+    stats = finetune(model, start, train, hp, 0, settings, torch.device("cpu"))
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    assert stats["steps"] == 8 and stats["final_train_loss"] > 0
+
+    ckpt = tmp_path / "ck.pt"
+    short = {**hp, "epochs": 2}
+
+    class Stop(Exception):
+        pass
+
+    import soupbench.finetune as ft
+
+    saved = []
+    real_save = ft._save_checkpoint
+
+    def save_then_stop(*args, **kwargs):            # a preemption right after the step-3 checkpoint
+        real_save(*args, **kwargs)
+        saved.append(args[4])
+        raise Stop
+
+    ft._save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(Stop):
+            finetune(model, start, train, short, 0, settings, torch.device("cpu"), checkpoint=ckpt)
+    finally:
+        ft._save_checkpoint = real_save
+    assert saved == [3] and ckpt.is_file()
+    model2 = tiny_model(seed=5)
+    with caplog.at_level("INFO", logger="soupbench"):
+        finetune(model2, start, train, short, 0, settings, torch.device("cpu"), checkpoint=ckpt)
+    assert "resuming from step 3 of 8" in caplog.text                 # not a restart from step 0
+    for k, v in model2.state_dict().items():
+        torch.testing.assert_close(v, full[k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_grid_search_is_the_product():
@@ -33,11 +89,11 @@ def test_finetune_starts_from_the_given_weights_and_keeps_bn_frozen():
     train = random_split(n=48)
     start = {k: v.clone() for k, v in tiny_model(seed=7).state_dict().items()}
     hp = {"lr": 0.0, "weight_decay": 0.0, "epochs": 1, "label_smoothing": 0.0, "augment": "none"}
-    finetune(model, start, train, hp, 0, 16, 0.1, 1.0, True, torch.device("cpu"))
+    finetune(model, start, train, hp, 0, SETTINGS, torch.device("cpu"))
     for k, v in model.state_dict().items():    # lr 0 and frozen BN: nothing may move from `start`
         assert torch.equal(v, start[k]), k
     hp["lr"] = 1e-2
-    finetune(model, start, train, hp, 0, 16, 0.1, 1.0, True, torch.device("cpu"))
+    finetune(model, start, train, hp, 0, SETTINGS, torch.device("cpu"))
     after = model.state_dict()
     assert not torch.equal(after["encoder.0.weight"], start["encoder.0.weight"])
     assert torch.equal(after["encoder.1.running_mean"], start["encoder.1.running_mean"])  # BN stats frozen
@@ -48,9 +104,9 @@ def test_same_seed_same_ingredient():
     model, train = tiny_model(), random_split(n=48)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     hp = {"lr": 1e-2, "weight_decay": 0.01, "epochs": 1, "label_smoothing": 0.1, "augment": "crop_flip"}
-    finetune(model, start, train, hp, 3, 16, 0.1, 1.0, True, torch.device("cpu"))
+    finetune(model, start, train, hp, 3, SETTINGS, torch.device("cpu"))
     a = {k: v.clone() for k, v in model.state_dict().items()}
-    finetune(model, start, train, hp, 3, 16, 0.1, 1.0, True, torch.device("cpu"))
+    finetune(model, start, train, hp, 3, SETTINGS, torch.device("cpu"))
     assert all(torch.equal(a[k], v) for k, v in model.state_dict().items())
 
 
@@ -61,16 +117,6 @@ def test_linear_probe_fits_separable_features():
     train.images[:] = (train.labels.view(-1, 1, 1, 1) * 100).to(torch.uint8)
     stats = linear_probe(model, train, 200, 0.0, 32, torch.device("cpu"))
     assert stats["lp_train_acc"] > 90
-
-
-def test_augment_keeps_shape_and_dtype():
-    x = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
-    g = torch.Generator().manual_seed(0)
-    for mode in ("none", "crop", "crop_flip"):
-        y = augment(x, mode, g)
-        assert y.shape == x.shape and y.dtype == torch.uint8
-    with pytest.raises(ConfigError):
-        augment(x, "mixup", g)
 
 
 def test_set_batchnorm_eval_counts():

@@ -8,6 +8,7 @@ Holding pre-decoded uint8 images makes repeated evaluation passes (greedy soup) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +20,21 @@ class Split:
 
     `class_groups`, when set, maps each label k of this split to the model logits that stand for it
     (ImageNet-R/A: one logit each out of 1000; ObjectNet: several, scored by their max).
+    `files`: a split too large for memory (ImageNet train) holds its image files instead of `images` (None);
+    fine-tuning and the linear probe stream them (soupbench.data.streaming).
     """
 
     name: str
-    images: torch.Tensor
+    images: torch.Tensor | None
     labels: torch.Tensor
     class_groups: list[list[int]] | None = None
+    files: list[Path] | None = None
 
     def __post_init__(self) -> None:
+        if self.images is None:
+            if self.files is None or len(self.files) != len(self.labels):
+                raise ValueError(f"split {self.name}: without images it needs one file per label")
+            return
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
             raise ValueError(f"split {self.name}: images must be uint8 (N, 3, H, W), got "
                              f"{self.images.dtype} {tuple(self.images.shape)}")
@@ -37,8 +45,24 @@ class Split:
         return len(self.labels)
 
     def subset(self, n: int | None) -> Split:
-        return self if n is None or n >= len(self) else Split(self.name, self.images[:n], self.labels[:n],
-                                                                self.class_groups)
+        return self if n is None or n >= len(self) else self.select(torch.arange(n))
+
+    def select(self, idx: torch.Tensor) -> Split:
+        """The images at `idx` (files stay files)."""
+        if self.images is None:
+            return Split(self.name, None, self.labels[idx], self.class_groups, [self.files[i] for i in idx.tolist()])
+        return Split(self.name, self.images[idx], self.labels[idx], self.class_groups)
+
+    def decoded(self, size: int) -> Split:
+        """This split with its images in memory (file-backed: read and centre-cropped to `size`)."""
+        if self.images is not None:
+            return self
+        from soupbench.data.streaming import eval_transform, read_image
+
+        transform = eval_transform(size)
+        images = torch.stack([transform(read_image(f), None) for f in self.files]) if self.files else \
+            torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return Split(self.name, images, self.labels, self.class_groups)
 
     def sample(self, n: int, seed: int) -> Split:
         """`n` images drawn at random (seeded, without replacement, kept in split order). Splits are stored
@@ -46,7 +70,7 @@ class Split:
         if n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-        return Split(self.name, self.images[idx], self.labels[idx], self.class_groups)
+        return self.select(idx)
 
 
 @dataclass

@@ -1,0 +1,83 @@
+"""Training data through a DataLoader: per-sample seeded augmentation, files or decoded tensors, one path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from soupbench.data import Split
+from soupbench.data.streaming import AUGMENTS, TrainImages, epoch_loader, train_transform
+from soupbench.errors import ConfigError
+from soupbench.runtime import LogProgress
+from tests.conftest import random_split
+
+
+def test_every_augmentation_keeps_uint8_at_the_input_size_and_is_seeded():
+    x = torch.randint(0, 256, (3, 20, 28), dtype=torch.uint8)            # a full-size file: not square
+    for mode in AUGMENTS:
+        for rand_aug in (None, "rand-m9-n2"):
+            t = train_transform(mode, 16, rand_aug)
+            a, b = (t(x, torch.Generator().manual_seed(3)) for _ in range(2))
+            assert a.shape == (3, 16, 16) and a.dtype == torch.uint8, mode
+            assert torch.equal(a, b), mode                               # the generator decides everything
+    t = train_transform("rrc_flip", 16, "rand-m9-n2")
+    outs = {t(x, torch.Generator().manual_seed(s)).sum().item() for s in range(8)}
+    assert len(outs) > 1                                                # and it does vary
+    with pytest.raises(ConfigError, match="mixup"):
+        train_transform("mixup", 16)
+    with pytest.raises(ConfigError, match="randaugment='bogus'"):
+        train_transform("none", 16, "bogus")
+
+
+def test_batches_do_not_depend_on_the_number_of_workers():
+    data = TrainImages(random_split(n=24, size=8), train_transform("crop_flip", 8), seed=1)
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        return [x for x, _ in epoch_loader(data, 1, 0, 1, 8, seed=1, workers=workers, pin_memory=False)]
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_two_ranks_see_the_one_process_batch_and_a_resume_skips_what_was_done():
+    data = TrainImages(random_split(n=32, size=8), train_transform("crop", 8), seed=0)
+    one = [x for x, _ in epoch_loader(data, 0, 0, 1, 8, 0, 0, False)]
+    r0 = [x for x, _ in epoch_loader(data, 0, 0, 2, 4, 0, 0, False)]
+    r1 = [x for x, _ in epoch_loader(data, 0, 1, 2, 4, 0, 0, False)]
+    for full, a, b in zip(one, r0, r1, strict=True):          # the global batch, as a set of images
+        assert sorted(full.flatten(1).sum(1).tolist()) == sorted(torch.cat([a, b]).flatten(1).sum(1).tolist())
+    skipped = [x for x, _ in epoch_loader(data, 0, 0, 1, 8, 0, 0, False, skip_batches=2)]
+    assert len(skipped) == 2 and all(torch.equal(a, b) for a, b in zip(skipped, one[2:], strict=True))
+
+
+def test_a_split_of_files_streams_the_images_its_tensor_holds(tmp_path):
+    split = random_split(n=6, size=8)
+    files = []
+    for i, img in enumerate(split.images):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(files[-1])
+    on_disk = Split("train", None, split.labels, files=files)
+    assert len(on_disk) == 6 and torch.equal(on_disk.decoded(8).images, split.images)
+    idx = torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3].sort().values.tolist()
+    assert on_disk.sample(3, 0).files == [files[i] for i in idx]        # sampling keeps files as files
+    t = train_transform("crop_flip", 8)
+    a = [x for x, _ in epoch_loader(TrainImages(split, t, 4), 0, 0, 1, 3, 4, 0, False)]
+    b = [x for x, _ in epoch_loader(TrainImages(on_disk, t, 4), 0, 0, 1, 3, 4, 0, False)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="one file per label"):
+        Split("train", None, split.labels, files=files[:2])
+
+
+def test_progress_in_a_log_is_a_line_with_rate_and_eta(caplog):
+    bar = LogProgress(None, "ingredient 1/4", total=100, interval=0.0)
+    with caplog.at_level(logging.INFO, logger="soupbench"):
+        bar.update(25)
+        bar.set_postfix(loss="0.412")
+        bar.update(25)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "\r" not in "".join(lines)
+    assert lines[-1].startswith("ingredient 1/4: 50/100 (50%), ") and "it/s, ETA " in lines[-1]
+    assert lines[-1].endswith("loss=0.412")
