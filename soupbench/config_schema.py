@@ -89,6 +89,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("dataset.fractions.*", float, ">0,<1"),
     Rule("dataset.split_seed", int, ">=0"),
     Rule("dataset.check_counts", bool),
+    Rule("dataset.stream_train", bool),
     Rule("dataset.digits_pad", int, ">=0"),
     Rule("dataset.workers", int, ">=1"),
     # finetune/

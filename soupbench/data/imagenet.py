@@ -220,9 +220,12 @@ def objectnet_mapping(folder: Path) -> dict[str, list[int]]:
 
 def load(root: str, image_size: int, heldout_fraction: float, split_seed: int, num_train: int | None,
          num_heldout: int | None, num_test: int | None, num_ood: int | None, ood: Mapping[str, str],
-         check_counts: bool, cache_dir: str | None, workers: int, heldout_index: str | None = None) -> DataBundle:
+         check_counts: bool, cache_dir: str | None, workers: int, heldout_index: str | None = None,
+         stream_train: bool = False) -> DataBundle:
     """ImageNet + shifts as uint8 splits. `num_*` cap a split (null: all) with a fixed sample, for quick checks
-    and for runs that only soup and evaluate imported ingredients (`num_train: 0`)."""
+    and for runs that only soup and evaluate imported ingredients (`num_train: 0`). `stream_train`: train stays
+    a list of files, decoded and augmented by the fine-tuning DataLoader's workers (1.28 M images at 224 px
+    would be ~190 GB decoded)."""
     if not 0 < heldout_fraction < 1:
         raise ConfigError(f"dataset.heldout_fraction={heldout_fraction}: expected a fraction in (0, 1)")
     root_path = Path(root)
@@ -233,7 +236,10 @@ def load(root: str, image_size: int, heldout_fraction: float, split_seed: int, n
     source = f"index:{Path(heldout_index).name}" if heldout_index else f"hash:{heldout_fraction}:{split_seed}"
     caps = {"train": num_train, "heldout": num_heldout, "test": num_test}
     splits = {name: _split(name, root_path, *_cap(*files[name], caps[name], split_seed), image_size, cache_dir,
-                           workers) for name in ("train", "heldout", "test")}
+                           workers) for name in ("train", "heldout", "test") if not (stream_train and name == "train")}
+    if stream_train:
+        paths, labels = _cap(*files["train"], num_train, split_seed)
+        splits["train"] = Split("train", None, torch.tensor(labels, dtype=torch.int64), files=paths)
     shifts = {}
     for name, folder in ood.items():
         if name not in SHIFTS:
