@@ -38,7 +38,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
-from soupbench.io import hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.io import hash_settings, load_weights, read_json, save_weights, to_device, write_json
 from soupbench.runtime import autocast, lr_schedule
 from soupbench.soups import SoupContext, SoupResult, is_averaged
 
@@ -244,9 +244,9 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         block = blocks[bi]
         states = [ctx.ingredients[i].load(dev) for i in block]
         if bi > 0:                                   # later blocks and passes move around the soup so far
-            ref = {k: v.to(dev) for k, v in soup.items()}
+            ref = to_device(soup, dev)
         elif centre == "base":
-            ref = {k: v.to(dev) for k, v in ctx.base.items()}
+            ref = to_device(ctx.base, dev)
         else:
             ref = None                               # first_block_mean
         centre_state, buffers, directions, norms = block_tensors(states, names, parameterisation, ref,
