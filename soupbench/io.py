@@ -104,7 +104,8 @@ def to_device(tensors: Mapping[str, torch.Tensor], device: str | torch.device) -
         return {k: v.to(device) for k, v in tensors.items()}
     out = {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
            for k, v in tensors.items()}
-    torch.cuda.current_stream(device).synchronize()      # the caller may read them on another stream or thread
+    if any(v.device.type == "cpu" for v in tensors.values()):
+        torch.cuda.current_stream(device).synchronize()  # the caller may read them on another stream or thread
     return out
 
 
