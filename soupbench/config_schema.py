@@ -144,6 +144,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("soup.*.temperature", float, ">0"),
     Rule("soup.*.init", float),
     Rule("soup.*.seed", int, ">=0"),
+    Rule("soup.*.distributed", str, ("auto", "off")),
     Rule("soup.*.alphas", float, ">=0,<=1", form="list"),
     Rule("soup.*.target", str),
     # logger/

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from soupbench.data import DataBundle, Split
 from soupbench.errors import ConfigError
-from soupbench.io import fingerprint, load_weights, save_weights
+from soupbench.io import fingerprint, load_weights, save_weights, to_device
 from soupbench.runtime import autocast
 
 
@@ -137,6 +137,6 @@ class Evaluator:
         return accuracy(self.logits(state, split, fp, cache), self.splits[split])
 
     def _predict(self, state: Mapping[str, torch.Tensor], split: str, progress: bool | None = None) -> torch.Tensor:
-        state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
+        state = to_device(state, self.device)        # pinned, one synchronisation for the whole state
         return predict(self.model, self.images(split), self.batch_size, self.device, state, desc=f"eval {split}",
                        progress=self.progress if progress is None else progress, precision=self.precision)

@@ -86,19 +86,40 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", ch
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
     try:
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    tensors = to_device(tensors, device)
     if check_finite:
         require_finite(tensors, path)
     return tensors
 
 
+def to_device(tensors: Mapping[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors on `device`. To a GPU each host tensor goes through pinned memory and copies non_blocking,
+    with one synchronisation at the end: a plain `.to` from pageable memory blocks once per tensor (152 times
+    for a ViT-B/32), which stalls a loader thread behind the GPU work it is meant to overlap."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in tensors.items()}
+    out = {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
+           for k, v in tensors.items()}
+    if any(v.device.type == "cpu" for v in tensors.values()):
+        torch.cuda.current_stream(device).synchronize()  # the caller may read them on another stream or thread
+    return out
+
+
 def require_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """CheckpointError naming the file and tensor if any floating-point weight is NaN or Inf."""
-    for k, v in tensors.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"{path}: tensor '{k}' holds NaN or Inf values")
+    """CheckpointError naming the file and tensor if any floating-point weight is NaN or Inf. One flag per
+    tensor, reduced on the tensors' device and read once (not one GPU synchronisation per tensor)."""
+    floats = [(k, v) for k, v in tensors.items() if v.is_floating_point()]
+    if not floats:
+        return
+    ok = torch.stack([torch.isfinite(v).all() for _, v in floats])
+    if bool(ok.all()):
+        return
+    bad = floats[int((~ok).nonzero()[0, 0])][0]
+    raise CheckpointError(f"{path}: tensor '{bad}' holds NaN or Inf values")
 
 
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -68,7 +68,7 @@ class Run:
         self.data: DataBundle = build(cfg.dataset)
         torch.manual_seed(cfg.seed)       # random-init backbones (tests, benchmarks) are the same in every process
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
-                                       class_names=self.data.class_names).to(self.device)
+                                       class_names=self.data.class_names, device=self.device)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, cfg.eval.cache_dir, self.data_key,
                                    cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device,

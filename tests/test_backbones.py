@@ -22,7 +22,8 @@ def build_backbone(option: str, tmp_path, num_classes: int = 5):
         overrides += ["backbone.pretrained=null", "backbone.templates=['a photo of a {}.']"]
     cfg = compose_cfg(overrides, tmp_path)
     torch.manual_seed(0)
-    return build(cfg.backbone, num_classes=num_classes, class_names=[f"class {i}" for i in range(num_classes)])
+    return build(cfg.backbone, num_classes=num_classes, class_names=[f"class {i}" for i in range(num_classes)],
+                 device=torch.device("cpu"))
 
 
 def test_every_backbone_option_is_covered():
@@ -66,6 +67,46 @@ def test_zero_shot_head_has_one_row_per_class_from_the_templates(clip_test_model
     with torch.no_grad():
         feats = F.normalize(clip.encode_image(model.normalize(x)), dim=-1)
         assert torch.allclose(model(x), feats @ torch.stack(rows).t(), atol=1e-4)
+
+
+def test_zero_shot_head_is_encoded_on_the_given_device(clip_test_model, monkeypatch):
+    """The text tower moves to the run's device before the prompts are encoded (checked on any machine by
+    recording where the tower is when the head is built)."""
+    from soupbench.backbones import open_clip_model
+
+    seen = []
+    encode = open_clip_model.zero_shot_weights
+    moved_to = []
+    load = open_clip_model.load_clip
+
+    def recording_load(*args):
+        clip = load(*args)
+        to = clip.to
+        clip.to = lambda device: moved_to.append(torch.device(device)) or to(device)
+        return clip
+
+    def recording_encode(clip, *args):
+        seen.append((list(moved_to), next(clip.parameters()).device))
+        return encode(clip, *args)
+
+    monkeypatch.setattr(open_clip_model, "load_clip", recording_load)
+    monkeypatch.setattr(open_clip_model, "zero_shot_weights", recording_encode)
+    model = create_clip(clip_test_model, None, 2, [0.5] * 3, [0.5] * 3, True, ["a {}."], None, ["a", "b"],
+                        device="cpu")
+    assert seen == [([torch.device("cpu")], torch.device("cpu"))]
+    assert model.head.weight.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_zero_shot_head_on_a_gpu_matches_the_cpu(clip_test_model):
+    kwargs = dict(num_classes=3, mean=[0.5] * 3, std=[0.5] * 3, zero_shot_head=True, templates=["a {}."],
+                  cache_dir=None, class_names=["cat", "dog", "car"])
+    torch.manual_seed(0)
+    cpu = create_clip(clip_test_model, None, **kwargs, device="cpu")
+    torch.manual_seed(0)
+    gpu = create_clip(clip_test_model, None, **kwargs, device="cuda")
+    assert all(p.is_cuda for p in gpu.parameters())
+    torch.testing.assert_close(gpu.head.weight.cpu(), cpu.head.weight, rtol=1e-4, atol=1e-4)
 
 
 def test_zero_shot_head_is_cached_for_real_weights(clip_test_model, tmp_path):

