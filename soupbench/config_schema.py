@@ -309,8 +309,9 @@ def _fits_space(rule: Rule, value: Any) -> bool:
         return False
     if (rule.type is str) != (kind == "rand_augment"):
         return False
-    if kind == "rand_augment":
-        return all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in bounds) and bounds[0] >= 1
+    if kind == "rand_augment":           # [max magnitude 1..30, max layers 0..10]
+        return all(isinstance(b, int) and not isinstance(b, bool) for b in bounds) and 1 <= bounds[0] <= 30 \
+            and 0 <= bounds[1] <= 10
     if rule.type is int and kind != "int_uniform":
         return False
     lo, hi = bounds
