@@ -25,7 +25,7 @@ from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, 
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
 from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
 from soupbench.runtime import resolve_device
-from soupbench.soups import SoupContext, SoupResult
+from soupbench.soups.context import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
 STAGES = ("finetune", "soup", "evaluate", "report")

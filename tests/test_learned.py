@@ -158,7 +158,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
 
 def test_learned_soup_improves_heldout_loss(tmp_path):
     """Full-batch steps: MEHL+ (2 blocks) must end below its start, the mean of the first block."""
-    from soupbench.soups import average
+    from soupbench.soups.averaging import average
 
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
     ctx = context(model, ings, heldout, tmp_path)

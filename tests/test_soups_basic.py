@@ -8,7 +8,8 @@ import torch
 from soupbench.evaluate import accuracy, ensemble_logits, predict
 from soupbench.ingredients import save_ingredient, sort_by_heldout
 from soupbench.io import fingerprint
-from soupbench.soups import SoupContext, best_individual, ensemble, greedy, uniform
+from soupbench.soups import best_individual, ensemble, greedy, uniform
+from soupbench.soups.context import SoupContext
 from tests.conftest import make_store, random_split, tiny_model
 
 CPU = torch.device("cpu")
@@ -104,7 +105,7 @@ def test_stream_states_yields_in_order_and_loads_the_next_during_the_current(tmp
     import threading
     import time
 
-    from soupbench.soups import stream_states
+    from soupbench.soups.averaging import stream_states
 
     _, store = make_store(tmp_path, 4)
     streamed = [(g.id, s) for g, s in stream_states(store)]

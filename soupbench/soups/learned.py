@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from soupbench.errors import ConfigError
 from soupbench.io import hash_settings, load_weights, read_json, save_weights, write_json
 from soupbench.runtime import autocast, lr_schedule
-from soupbench.soups import SoupContext, SoupResult, is_averaged
+from soupbench.soups.averaging import is_averaged
+from soupbench.soups.context import SoupContext, SoupResult
 
 
 def learnable_names(model: torch.nn.Module) -> list[str]:
