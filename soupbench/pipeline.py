@@ -22,7 +22,7 @@ from soupbench.data import DataBundle
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct, ensemble_logits, percent
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
-from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
+from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict, save_ingredient
 from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
 from soupbench.runtime import resolve_device
 from soupbench.soups.context import SoupContext, SoupResult
@@ -373,22 +373,6 @@ def paper_figures(cfg: DictConfig) -> dict[str, dict[str, float]]:
         for method, figures in by["values"].get(str(value), {}).items():
             out[method] = dict(figures)          # the figures for this value replace the general ones
     return out
-
-
-def restrict(ingredients: list[Ingredient], limit: int | None, exclude_top: int) -> list[Ingredient]:
-    """Ablations: the first `limit` ingredients (in their fixed order), then without the `exclude_top` best by
-    held-out accuracy (the MEHL-Soup paper's top-k elimination)."""
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"ingredients.limit={limit}: expected >= 1 or null")
-        ingredients = ingredients[:limit]
-    if exclude_top:
-        if not 0 <= exclude_top < len(ingredients):
-            raise ConfigError(f"ingredients.exclude_top={exclude_top}: {len(ingredients)} ingredients, at least one "
-                              "must remain")
-        top = {g.id for g in sort_by_heldout(ingredients)[:exclude_top]}
-        ingredients = [g for g in ingredients if g.id not in top]
-    return ingredients
 
 
 def ood_average(accs: dict[str, float], data: DataBundle) -> float | None:

@@ -92,18 +92,3 @@ def test_linear_probe_init_keeps_or_refits_the_backbone_head():
         linear_probe(model, empty, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
     linear_probe(model, train, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
     assert not torch.equal(model.head.weight, head)                     # refitted, starting from it
-
-
-def test_ingredient_limit_and_top_k_elimination(tmp_path):
-    from soupbench.pipeline import restrict
-    from tests.conftest import make_store
-
-    _, store = make_store(tmp_path, 5)                       # held-out accuracy 50 + i: g04 is the best
-    assert [g.id for g in restrict(store, None, 0)] == [g.id for g in store]
-    assert [g.id for g in restrict(store, 3, 0)] == ["g00", "g01", "g02"]
-    assert [g.id for g in restrict(store, None, 2)] == ["g00", "g01", "g02"]      # g04, g03 eliminated
-    assert [g.id for g in restrict(store, 3, 1)] == ["g00", "g01"]               # the best of the first 3
-    with pytest.raises(ConfigError, match="ingredients.exclude_top=5"):
-        restrict(store, None, 5)
-    with pytest.raises(ConfigError, match="ingredients.limit=0"):
-        restrict(store, 0, 0)
