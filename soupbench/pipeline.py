@@ -23,7 +23,16 @@ from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct, ensemble_logits, percent
 from soupbench.finetune import finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict, save_ingredient
-from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.io import (
+    file_lock,
+    fingerprint,
+    hash_settings,
+    load_weights,
+    read_json,
+    reusable_meta,
+    save_weights,
+    write_json,
+)
 from soupbench.runtime import resolve_device
 from soupbench.soups.context import SoupContext, SoupResult
 
@@ -118,10 +127,10 @@ class Run:
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
         path, meta_path = self.run_dir / "base" / "lp.safetensors", self.run_dir / "base" / "lp.json"
-        if meta_path.is_file() and read_json(meta_path).get("settings_hash") == hash_settings(settings):
+        if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None:
             self.base = load_weights(path)
             self.model.load_state_dict(self.base)
-            self.base_fp = read_json(meta_path)["fingerprint"]
+            self.base_fp = stored["fingerprint"]
             log.info("linear probe: reusing %s", path)
             return
         t0 = time.perf_counter()
@@ -160,8 +169,7 @@ class Run:
         rows = []
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"
-            if meta_path.is_file() and read_json(meta_path).get("base_fingerprint") == self.base_fp:
-                meta = read_json(meta_path)
+            if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None:
                 meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
                 log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
             else:
@@ -234,7 +242,7 @@ class Run:
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.run_dir / "soups" / f"{name}.json"
-            if meta_path.is_file() and (old := read_json(meta_path)).get("settings_hash") == key and all(
+            if (old := reusable_meta(meta_path, "settings_hash", key)) is not None and all(
                     built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
                 log.info("soup %s: reusing %s", name, meta_path)
                 built[name] = old

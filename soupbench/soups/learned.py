@@ -38,7 +38,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
-from soupbench.io import hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.io import hash_settings, load_weights, reusable_meta, save_weights, write_json
 from soupbench.runtime import autocast, lr_schedule
 from soupbench.soups.averaging import is_averaged
 from soupbench.soups.context import SoupContext, SoupResult
@@ -411,13 +411,11 @@ def _save_progress(ctx: SoupContext, key: str, soup: dict, raw: list, losses: li
 
 def _resume(ctx: SoupContext, key: str, num_layers: int) -> dict:
     weights_path, meta_path = _state_paths(ctx)
-    if meta_path.is_file() and weights_path.is_file():
-        meta = read_json(meta_path)
-        if meta.get("key") == key:
-            t = load_weights(weights_path)
-            soup = {k.removeprefix("soup."): v for k, v in t.items() if k.startswith("soup.")}
-            return {"soup": soup, "raw": meta["blocks"], "losses": meta["losses"], "next_block": meta["next_block"],
-                    "effective": t["effective"], "effective_base": t["effective_base"]}
+    if weights_path.is_file() and (meta := reusable_meta(meta_path, "key", key)) is not None:
+        t = load_weights(weights_path)
+        soup = {k.removeprefix("soup."): v for k, v in t.items() if k.startswith("soup.")}
+        return {"soup": soup, "raw": meta["blocks"], "losses": meta["losses"], "next_block": meta["next_block"],
+                "effective": t["effective"], "effective_base": t["effective_base"]}
     K = len(ctx.ingredients)
     return {"soup": None, "raw": [], "losses": [], "next_block": 0,
             "effective": torch.zeros(K, num_layers, dtype=torch.float64),
