@@ -33,6 +33,7 @@ from soupbench.io import (
     save_weights,
     write_json,
 )
+from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device
 from soupbench.soups.context import SoupContext, SoupResult
 
@@ -68,7 +69,7 @@ class Run:
             torch.set_num_threads(int(cfg.num_threads))
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.run_dir = Path(cfg.paths.run_dir)
+        self.layout = RunLayout(Path(cfg.paths.run_dir))
         self.ingredient_dir = Path(cfg.ingredients.dir)
         self.progress = bool(cfg.progress)
         self.check_heldout_protocol(None if cfg.dataset.get("heldout_index") is None else "index:")
@@ -119,14 +120,14 @@ class Run:
     def prepare_base(self) -> None:
         """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings (under a lock,
         so the parallel jobs of a sweep compute it once and the others reuse it)."""
-        with file_lock(self.run_dir / "base" / ".lock"):
+        with file_lock(self.layout.base_lock):
             self._prepare_base()
 
     def _prepare_base(self) -> None:
         cfg = self.cfg
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
-        path, meta_path = self.run_dir / "base" / "lp.safetensors", self.run_dir / "base" / "lp.json"
+        path, meta_path = self.layout.lp_weights, self.layout.lp_meta
         if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None:
             self.base = load_weights(path)
             self.model.load_state_dict(self.base)
@@ -241,7 +242,7 @@ class Run:
             settings = container(scfg)
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
-            meta_path = self.run_dir / "soups" / f"{name}.json"
+            meta_path = self.layout.soup_meta(name)
             if (old := reusable_meta(meta_path, "settings_hash", key)) is not None and all(
                     built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
                 log.info("soup %s: reusing %s", name, meta_path)
@@ -251,7 +252,7 @@ class Run:
             used: dict[str, str] = {}
             ctx = SoupContext(
                 ingredients=ingredients, base=self.base, heldout=self.data.heldout,
-                model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
+                model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
                 ingredient_logits=self.ingredient_logits, progress=self.progress, data_key=self.data_key,
                 precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
@@ -270,7 +271,7 @@ class Run:
                     "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
             if result.state is not None:
                 meta["fingerprint"] = fingerprint(result.state)
-                save_weights(self.run_dir / "soups" / f"{name}.safetensors", result.state,
+                save_weights(self.layout.soup_weights(name), result.state,
                              {"method": name, "members": ",".join(result.members)})
             write_json(meta_path, meta)
             built[name] = meta
@@ -287,8 +288,7 @@ class Run:
         if meta["kind"] != "weights":
             raise ConfigError(f"soup.{name} starts from soup '{wanted}', an output ensemble: it has no weights")
         used[wanted] = meta["fingerprint"]
-        return SoupResult(meta["members"], load_weights(self.run_dir / "soups" / f"{wanted}.safetensors"),
-                          meta["info"])
+        return SoupResult(meta["members"], load_weights(self.layout.soup_weights(wanted)), meta["info"])
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:
@@ -304,7 +304,7 @@ class Run:
                                  g.meta.get("hyperparameters", {})}
         methods = {}
         for name in selected_soups(self.cfg):
-            meta_path = self.run_dir / "soups" / f"{name}.json"
+            meta_path = self.layout.soup_meta(name)
             if not meta_path.is_file():
                 raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
             meta = read_json(meta_path)
@@ -314,7 +314,7 @@ class Run:
                 for s, split in splits.items():
                     logits = self.evaluator.cached_logits(meta["fingerprint"], s)
                     if logits is None:
-                        state = state or load_weights(self.run_dir / "soups" / f"{name}.safetensors")
+                        state = state or load_weights(self.layout.soup_weights(name))
                         logits = self.evaluator.logits(state, s, meta["fingerprint"])
                     method_hits[s] = correct(logits, split)
             else:
@@ -329,12 +329,11 @@ class Run:
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
                    "config": container(self.cfg)}
-        save_weights(self.run_dir / "correct.safetensors",
-                     {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
+        save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
         results["bootstrap"] = self.bootstrap(hits)
         if self.cfg.diagnostics.enabled:
             results["diagnostics"] = self.diagnostics(ingredients, results)
-        write_json(self.run_dir / "results.json", results)
+        write_json(self.layout.results(), results)
         return results
 
     def bootstrap(self, hits: dict[str, dict[str, torch.Tensor]]) -> dict:
@@ -421,8 +420,8 @@ def run(cfg: DictConfig) -> dict | None:
         if "evaluate" in stages:
             results = run_.evaluate_stage(ingredients)
         if "report" in stages:
-            results = results or read_json(run_.run_dir / "results.json")
-            report.report(results, run_.run_dir, tracker)
+            results = results or read_json(run_.layout.results())
+            report.report(results, run_.layout, tracker)
         tracker.finish(0)
         return results
     except BaseException:
