@@ -10,7 +10,7 @@ import soupbench
 from soupbench.backbones.open_clip_model import create as create_clip
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.pipeline import build
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 FAST = {"efficientnet_lite0": 32, "efficientnet_lite1": 32, "efficientnet_lite2": 32, "timm": 32, "clip_vit_b32": 224}
 SLOW = {"clip_vit_b16": 224, "clip_vit_l14": 224}

@@ -6,7 +6,7 @@ import torch
 from soupbench.backbones import set_batchnorm_eval
 from soupbench.errors import ConfigError
 from soupbench.finetune import augment, finetune, hyperparameter_configs, linear_probe
-from tests.conftest import random_split, tiny_model
+from tests.helpers import random_split, tiny_model
 
 SPACE = {"lr": {"log_uniform": [1e-4, 1e-2]}, "epochs": [1, 2], "augment": ["none", "crop"]}
 

@@ -6,7 +6,7 @@ import pytest
 
 from soupbench.errors import ConfigError
 from soupbench.ingredients import list_ingredients, natural_key, restrict, save_ingredient
-from tests.conftest import make_store
+from tests.helpers import make_store
 
 
 def test_listing_is_in_natural_order_like_the_released_files(tmp_path):

@@ -12,7 +12,7 @@ from soupbench.ingredients import save_ingredient
 from soupbench.io import fingerprint
 from soupbench.soups import model_stock
 from soupbench.soups.context import SoupContext
-from tests.conftest import make_store, tiny_model
+from tests.helpers import make_store, tiny_model
 
 CPU = torch.device("cpu")
 

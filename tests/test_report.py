@@ -8,7 +8,7 @@ import os
 import pytest
 
 from soupbench.pipeline import run
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 
 def test_plots_are_written(tiny_run):

@@ -9,18 +9,9 @@ from soupbench.evaluate import accuracy, ensemble_logits, predict
 from soupbench.ingredients import save_ingredient, sort_by_heldout
 from soupbench.io import fingerprint
 from soupbench.soups import best_individual, ensemble, greedy, uniform
-from soupbench.soups.context import SoupContext
-from tests.conftest import make_store, random_split, tiny_model
+from tests.helpers import make_store, random_split, soup_context, tiny_model
 
 CPU = torch.device("cpu")
-
-
-def context(model, ingredients, heldout, tmp_path):
-    return SoupContext(
-        ingredients=ingredients, base=model.state_dict(), heldout=heldout, model=model,
-        device=CPU, work_dir=tmp_path / "work",
-        heldout_accuracy=lambda s: accuracy(predict(model, heldout.images, 32, CPU, s), heldout),
-        ingredient_logits=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()))
 
 
 def with_true_heldout(model, ingredients, heldout):
@@ -35,7 +26,7 @@ def with_true_heldout(model, ingredients, heldout):
 def test_uniform_equals_reference_mean(tmp_path):
     model = tiny_model()
     _, ings = make_store(tmp_path, 5)
-    soup = uniform.build(context(model, ings, random_split(), tmp_path)).state
+    soup = uniform.build(soup_context(model, ings, random_split(), tmp_path)).state
     states = [g.load() for g in ings]
     for k, v in soup.items():
         if v.is_floating_point():
@@ -52,7 +43,7 @@ def test_greedy_never_below_first_and_keeps_heldout_order(tmp_path, seed):
     heldout = random_split(n=96, seed=seed)
     _, ings = make_store(tmp_path, 6, scale=0.4, seed=seed, model=model)
     ings = with_true_heldout(model, ings, heldout)
-    result = greedy.build(context(model, ings, heldout, tmp_path))
+    result = greedy.build(soup_context(model, ings, heldout, tmp_path))
     order = [g.id for g in sort_by_heldout(ings)]
     first_acc = sort_by_heldout(ings)[0].heldout_acc
     path = result.info["path"]
@@ -68,7 +59,7 @@ def test_greedy_never_below_first_and_keeps_heldout_order(tmp_path, seed):
     assert final_acc >= first_acc
     # the soup is the plain mean of its members
     members = [g for g in ings if g.id in result.members]
-    ref = uniform.build(context(model, members, heldout, tmp_path)).state
+    ref = uniform.build(soup_context(model, members, heldout, tmp_path)).state
     for k in ref:
         torch.testing.assert_close(result.state[k], ref[k], rtol=0, atol=1e-6)
 
@@ -79,7 +70,7 @@ def test_greedy_accept_rule(tmp_path):
     heldout = random_split()
     _, (g0,) = make_store(tmp_path, 1)
     twin = save_ingredient(tmp_path, "twin", g0.load(), {**g0.meta, "heldout_acc": g0.heldout_acc - 1})
-    ctx = context(model, [g0, twin], heldout, tmp_path)
+    ctx = soup_context(model, [g0, twin], heldout, tmp_path)
     assert greedy.build(ctx, accept=">=").members == [g0.id, "twin"]
     assert greedy.build(ctx, accept=">").members == [g0.id]
 
@@ -88,7 +79,7 @@ def test_best_individual_and_ensemble(tmp_path):
     model = tiny_model()
     heldout = random_split()
     _, ings = make_store(tmp_path, 4, scale=0.3)
-    ctx = context(model, ings, heldout, tmp_path)
+    ctx = soup_context(model, ings, heldout, tmp_path)
     best = best_individual.build(ctx)
     assert best.members == [max(ings, key=lambda g: g.heldout_acc).id]
     assert fingerprint(best.state) == max(ings, key=lambda g: g.heldout_acc).fingerprint
@@ -155,7 +146,7 @@ def test_greedy_ensemble_accept_rule_and_running_sum(tmp_path):
     model = tiny_model()
     heldout = random_split(n=48)
     _, ings = make_store(tmp_path, 5, scale=0.3)
-    ctx = context(model, ings, heldout, tmp_path)
+    ctx = soup_context(model, ings, heldout, tmp_path)
     for accept in (">=", ">"):
         res = ensemble.build(ctx, greedy=True, accept=accept)
         order = sort_by_heldout(ings)
@@ -170,6 +161,6 @@ def test_greedy_ensemble_accept_rule_and_running_sum(tmp_path):
     # a duplicate of the best ingredient ties exactly: kept with >=, refused with >
     twin = save_ingredient(tmp_path, "twin", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.0})
     first = save_ingredient(tmp_path, "first", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.5})
-    ctx2 = context(model, [first, twin], heldout, tmp_path / "b")
+    ctx2 = soup_context(model, [first, twin], heldout, tmp_path / "b")
     assert ensemble.build(ctx2, greedy=True, accept=">=").members == ["first", "twin"]
     assert ensemble.build(ctx2, greedy=True, accept=">").members == ["first"]
