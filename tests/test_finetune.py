@@ -3,7 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soupbench.backbones import set_batchnorm_eval
 from soupbench.errors import ConfigError
 from soupbench.finetune import augment, finetune, hyperparameter_configs, linear_probe
 from tests.helpers import random_split, tiny_model
@@ -71,11 +70,6 @@ def test_augment_keeps_shape_and_dtype():
         assert y.shape == x.shape and y.dtype == torch.uint8
     with pytest.raises(ConfigError):
         augment(x, "mixup", g)
-
-
-def test_set_batchnorm_eval_counts():
-    model = tiny_model().train()
-    assert set_batchnorm_eval(model) == 1 and not model.encoder[1].training and model.encoder[0].training
 
 
 def test_linear_probe_init_keeps_or_refits_the_backbone_head():

@@ -92,54 +92,6 @@ def test_best_individual_and_ensemble(tmp_path):
     assert greedy_ens.info["heldout_acc"] >= accuracy(logits[[g.id for g in ings].index(best.members[0])], heldout)
 
 
-def test_stream_states_yields_in_order_and_loads_the_next_during_the_current(tmp_path):
-    import threading
-    import time
-
-    from soupbench.soups.averaging import stream_states
-
-    _, store = make_store(tmp_path, 4)
-    streamed = [(g.id, s) for g, s in stream_states(store)]
-    assert [i for i, _ in streamed] == [g.id for g in store]
-    for (_, s), g in zip(streamed, store, strict=True):
-        assert torch.equal(s["head.weight"], g.load()["head.weight"])
-
-    events: list[tuple[str, int, float]] = []
-
-    class SlowLoad:
-        def __init__(self, i: int) -> None:
-            self.i = i
-
-        def load(self, device):
-            events.append(("load", self.i, time.perf_counter()))
-            assert threading.current_thread().name.startswith("soupbench-load")
-            return {"x": torch.full((2,), float(self.i))}
-
-    for g, _ in stream_states([SlowLoad(i) for i in range(3)]):
-        events.append(("work", g.i, time.perf_counter()))
-        time.sleep(0.2)
-        events.append(("done", g.i, time.perf_counter()))
-    when = {(kind, i): t for kind, i, t in events}
-    for i in range(2):                    # ingredient i+1 was being loaded while i was being worked on
-        assert when[("load", i + 1)] < when[("done", i)]
-
-
-def test_evaluator_keeps_images_on_the_device_only_on_a_gpu_and_only_as_asked(tmp_path):
-    from soupbench.data import DataBundle
-    from soupbench.errors import ConfigError
-    from soupbench.evaluate import Evaluator
-
-    split = random_split(16)
-    data = DataBundle(["a", "b", "c"], split, split, split)
-    cpu = Evaluator(tiny_model(), data, None, "k", 8, torch.device("cpu"), images_on_device="all")
-    assert cpu.resident == set() and cpu.images("heldout") is split.images
-    with pytest.raises(ConfigError, match="eval.images_on_device='yes'"):
-        Evaluator(tiny_model(), data, None, "k", 8, torch.device("cpu"), images_on_device="yes")
-    if torch.cuda.is_available():
-        gpu = Evaluator(tiny_model(), data, None, "k", 8, torch.device("cuda"), images_on_device="heldout")
-        assert gpu.images("heldout").is_cuda and not gpu.images("test").is_cuda
-
-
 def test_greedy_ensemble_accept_rule_and_running_sum(tmp_path):
     """Members in held-out order; the candidate ensemble's accuracy from a running probability sum equals the
     direct mean of the members' probabilities; `>` refuses a member that only ties."""
