@@ -40,7 +40,8 @@ from soupbench.evaluate import accuracy, predict  # noqa: E402
 from soupbench.ingredients import Ingredient  # noqa: E402
 from soupbench.io import load_weights, save_weights, write_json  # noqa: E402
 from soupbench.runtime import autocast  # noqa: E402
-from soupbench.soups import SoupContext, greedy, learned  # noqa: E402
+from soupbench.soups import greedy, learned  # noqa: E402
+from soupbench.soups.context import SoupContext  # noqa: E402
 
 PRESETS = {
     "gpu": dict(model="vit_base_patch32_224", image_size=224, num_classes=1000, k=72, images=10_000, block=18,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from soupbench.errors import SoupbenchError
 from soupbench.io import atomic_path, read_json, write_json
+from soupbench.run_layout import RunLayout
 from soupbench.tables import MeanStd, render
 
 REFERENCE = "best_individual"
@@ -35,7 +36,7 @@ def mean_std(values: Sequence[float]) -> dict:
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     runs = []
     for d in run_dirs:
-        path = Path(d) / "results.json"
+        path = RunLayout(Path(d)).results()
         if not path.is_file():
             raise SoupbenchError(f"{path}: not found; run the evaluate stage there first (or name a run directory)")
         runs.append({"dir": str(Path(d)), **read_json(path)})

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from soupbench.ingredients import Ingredient, sort_by_heldout
-from soupbench.soups import average
+from soupbench.soups.averaging import average
 
 
 def _numeric(v: Any) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from soupbench.errors import CheckpointError
+from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import load_weights, read_json, save_weights, write_json
 
 
@@ -69,6 +69,22 @@ def list_ingredients(directory: str | Path) -> list[Ingredient]:
 def sort_by_heldout(ingredients: list[Ingredient]) -> list[Ingredient]:
     """Best held-out accuracy first; ties broken by id so the order is deterministic."""
     return sorted(ingredients, key=lambda g: (-g.heldout_acc, g.id))
+
+
+def restrict(ingredients: list[Ingredient], limit: int | None, exclude_top: int) -> list[Ingredient]:
+    """Ablations: the first `limit` ingredients (in their fixed order), then without the `exclude_top` best by
+    held-out accuracy (the MEHL-Soup paper's top-k elimination)."""
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"ingredients.limit={limit}: expected >= 1 or null")
+        ingredients = ingredients[:limit]
+    if exclude_top:
+        if not 0 <= exclude_top < len(ingredients):
+            raise ConfigError(f"ingredients.exclude_top={exclude_top}: {len(ingredients)} ingredients, at least one "
+                              "must remain")
+        top = {g.id for g in sort_by_heldout(ingredients)[:exclude_top]}
+        ingredients = [g for g in ingredients if g.id not in top]
+    return ingredients
 
 
 def check_compatible(ingredients: list[Ingredient], reference: Mapping[str, torch.Tensor]) -> None:

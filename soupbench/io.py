@@ -135,3 +135,13 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
 def hash_settings(obj: Any) -> str:
     """Stable short hash of JSON-able settings (used to decide whether an artefact can be reused)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()[:12]
+
+
+def reusable_meta(meta_path: str | os.PathLike, field: str, key: str) -> dict | None:
+    """The stored JSON of an artefact when its `field` (a settings hash, or the fingerprint of what it was built
+    from) equals `key`, else None. One rule for every stage: a rerun reuses what was built from the same
+    settings and inputs and recomputes the rest, so a changed setting never serves a stale artefact."""
+    path = Path(meta_path)
+    if path.is_file() and (meta := read_json(path)).get(field) == key:
+        return meta
+    return None

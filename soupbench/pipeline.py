@@ -23,10 +23,20 @@ from soupbench.distributed import barrier
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct, ensemble_logits, percent
 from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, ingredient_id, linear_probe
-from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, save_ingredient, sort_by_heldout
-from soupbench.io import file_lock, fingerprint, hash_settings, load_weights, read_json, save_weights, write_json
+from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict, save_ingredient
+from soupbench.io import (
+    file_lock,
+    fingerprint,
+    hash_settings,
+    load_weights,
+    read_json,
+    reusable_meta,
+    save_weights,
+    write_json,
+)
+from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device
-from soupbench.soups import SoupContext, SoupResult
+from soupbench.soups.context import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
 STAGES = ("finetune", "soup", "evaluate", "report")
@@ -61,7 +71,7 @@ class Run:
         self.cfg = cfg
         self.world = distributed.init(resolve_device(cfg.device))      # torchrun / SLURM: one rank per device
         self.device = distributed.local_device(resolve_device(cfg.device), self.world.local_rank)
-        self.run_dir = Path(cfg.paths.run_dir)
+        self.layout = RunLayout(Path(cfg.paths.run_dir))
         self.ingredient_dir = Path(cfg.ingredients.dir)
         self.progress = bool(cfg.progress)
         self.check_heldout_protocol(None if cfg.dataset.get("heldout_index") is None else "index:")
@@ -112,18 +122,18 @@ class Run:
     def prepare_base(self) -> None:
         """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings (under a lock,
         so the parallel jobs of a sweep compute it once and the others reuse it)."""
-        with file_lock(self.run_dir / "base" / ".lock"):
+        with file_lock(self.layout.base_lock):
             self._prepare_base()
 
     def _prepare_base(self) -> None:
         cfg = self.cfg
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
-        path, meta_path = self.run_dir / "base" / "lp.safetensors", self.run_dir / "base" / "lp.json"
-        if meta_path.is_file() and read_json(meta_path).get("settings_hash") == hash_settings(settings):
+        path, meta_path = self.layout.lp_weights, self.layout.lp_meta
+        if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None:
             self.base = load_weights(path)
             self.model.load_state_dict(self.base)
-            self.base_fp = read_json(meta_path)["fingerprint"]
+            self.base_fp = stored["fingerprint"]
             log.info("linear probe: reusing %s", path)
             return
         t0 = time.perf_counter()
@@ -162,10 +172,9 @@ class Run:
         rows = []
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"
-            if meta_path.is_file() and read_json(meta_path).get("base_fingerprint") == self.base_fp:
+            if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None:
                 if not self.world.main:
                     continue
-                meta = read_json(meta_path)
                 meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
                 log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
             else:
@@ -254,8 +263,8 @@ class Run:
             settings = container(scfg)
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
-            meta_path = self.run_dir / "soups" / f"{name}.json"
-            if meta_path.is_file() and (old := read_json(meta_path)).get("settings_hash") == key and all(
+            meta_path = self.layout.soup_meta(name)
+            if (old := reusable_meta(meta_path, "settings_hash", key)) is not None and all(
                     built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
                 log.info("soup %s: reusing %s", name, meta_path)
                 built[name] = old
@@ -264,7 +273,7 @@ class Run:
             used: dict[str, str] = {}
             ctx = SoupContext(
                 ingredients=ingredients, base=self.base, heldout=self.data.heldout,
-                model=self.model, device=self.device, work_dir=self.run_dir / "soups" / f"{name}.work",
+                model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
                 ingredient_logits=self.ingredient_logits, progress=self.progress, data_key=self.data_key,
                 precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
@@ -284,7 +293,7 @@ class Run:
                     "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
             if result.state is not None:
                 meta["fingerprint"] = fingerprint(result.state)
-                save_weights(self.run_dir / "soups" / f"{name}.safetensors", result.state,
+                save_weights(self.layout.soup_weights(name), result.state,
                              {"method": name, "members": ",".join(result.members)})
             write_json(meta_path, meta)
             built[name] = meta
@@ -301,8 +310,7 @@ class Run:
         if meta["kind"] != "weights":
             raise ConfigError(f"soup.{name} starts from soup '{wanted}', an output ensemble: it has no weights")
         used[wanted] = meta["fingerprint"]
-        return SoupResult(meta["members"], load_weights(self.run_dir / "soups" / f"{wanted}.safetensors"),
-                          meta["info"])
+        return SoupResult(meta["members"], load_weights(self.layout.soup_weights(wanted)), meta["info"])
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:
@@ -318,7 +326,7 @@ class Run:
                                  g.meta.get("hyperparameters", {})}
         methods = {}
         for name in selected_soups(self.cfg):
-            meta_path = self.run_dir / "soups" / f"{name}.json"
+            meta_path = self.layout.soup_meta(name)
             if not meta_path.is_file():
                 raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
             meta = read_json(meta_path)
@@ -328,7 +336,7 @@ class Run:
                 for s, split in splits.items():
                     logits = self.evaluator.cached_logits(meta["fingerprint"], s)
                     if logits is None:
-                        state = state or load_weights(self.run_dir / "soups" / f"{name}.safetensors")
+                        state = state or load_weights(self.layout.soup_weights(name))
                         logits = self.evaluator.logits(state, s, meta["fingerprint"])
                     method_hits[s] = correct(logits, split)
             else:
@@ -343,12 +351,11 @@ class Run:
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
                    "config": container(self.cfg)}
-        save_weights(self.run_dir / "correct.safetensors",
-                     {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
+        save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
         results["bootstrap"] = self.bootstrap(hits)
         if self.cfg.diagnostics.enabled:
             results["diagnostics"] = self.diagnostics(ingredients, results)
-        write_json(self.run_dir / "results.json", results)
+        write_json(self.layout.results(), results)
         return results
 
     def bootstrap(self, hits: dict[str, dict[str, torch.Tensor]]) -> dict:
@@ -397,22 +404,6 @@ def paper_figures(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return out
 
 
-def restrict(ingredients: list[Ingredient], limit: int | None, exclude_top: int) -> list[Ingredient]:
-    """Ablations: the first `limit` ingredients (in their fixed order), then without the `exclude_top` best by
-    held-out accuracy (the MEHL-Soup paper's top-k elimination)."""
-    if limit is not None:
-        if limit < 1:
-            raise ConfigError(f"ingredients.limit={limit}: expected >= 1 or null")
-        ingredients = ingredients[:limit]
-    if exclude_top:
-        if not 0 <= exclude_top < len(ingredients):
-            raise ConfigError(f"ingredients.exclude_top={exclude_top}: {len(ingredients)} ingredients, at least one "
-                              "must remain")
-        top = {g.id for g in sort_by_heldout(ingredients)[:exclude_top]}
-        ingredients = [g for g in ingredients if g.id not in top]
-    return ingredients
-
-
 def ood_average(accs: dict[str, float], data: DataBundle) -> float | None:
     vals = [accs[s] for s in data.ood if s in accs]
     return sum(vals) / len(vals) if vals else None
@@ -453,8 +444,8 @@ def run(cfg: DictConfig) -> dict | None:
         if "evaluate" in stages:
             results = run_.evaluate_stage(ingredients)
         if "report" in stages:
-            results = results or read_json(run_.run_dir / "results.json")
-            report.report(results, run_.run_dir, tracker)
+            results = results or read_json(run_.layout.results())
+            report.report(results, run_.layout, tracker)
         tracker.finish(0)
         return results
     except BaseException:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from soupbench.io import read_json  # noqa: E402
+from soupbench.run_layout import RunLayout  # noqa: E402
 
 
 def id_vs_ood(results: dict, path: Path) -> Path | None:
@@ -64,13 +65,13 @@ def coefficients(meta: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def all_plots(results: dict, run_dir: Path) -> dict[str, Path]:
-    out_dir = run_dir / "plots"
+def all_plots(results: dict, layout: RunLayout) -> dict[str, Path]:
+    out_dir = layout.plots
     out: dict[str, Path] = {}
     if (p := id_vs_ood(results, out_dir / "id_vs_ood.png")) is not None:
         out["id_vs_ood"] = p
     for name in results["methods"]:
-        meta_path = run_dir / "soups" / f"{name}.json"
+        meta_path = layout.soup_meta(name)
         if not meta_path.is_file():
             continue
         meta = read_json(meta_path)

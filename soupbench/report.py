@@ -4,10 +4,9 @@ paired bootstrap interval (soupbench.stats), so a table says which gaps are more
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from soupbench import plots
 from soupbench.io import atomic_path, read_json
+from soupbench.run_layout import RunLayout
 from soupbench.tables import Interval, Signed, render
 from soupbench.tracking import Tracker
 
@@ -81,11 +80,11 @@ def format_table(results: dict) -> str:
     return format_report(results, "text")
 
 
-def report(results: dict, run_dir: Path, tracker: Tracker) -> str:
+def report(results: dict, layout: RunLayout, tracker: Tracker) -> str:
     text = format_report(results, "text")
     print(text, flush=True)
     for suffix, fmt in (("txt", "text"), ("md", "markdown"), ("tex", "latex")):
-        with atomic_path(run_dir / f"results.{suffix}") as tmp:
+        with atomic_path(layout.results(suffix)) as tmp:
             tmp.write_text((text if fmt == "text" else format_report(results, fmt)) + "\n")
     tracker.log_table("results", *table_rows(results))
     tracker.log_table("ingredient_results", *ingredient_rows(results))
@@ -97,10 +96,10 @@ def report(results: dict, run_dir: Path, tracker: Tracker) -> str:
         log_diagnostics(results["diagnostics"], tracker)
     tracker.log_metrics({f"{name}/{k}": v for name, m in results["methods"].items() for k, v in m.items()
                          if isinstance(v, int | float)})
-    figures = plots.all_plots(results, run_dir)
+    figures = plots.all_plots(results, layout)
     tracker.log_images(figures)
-    log_soup_artifacts(results, run_dir, tracker)
-    print(f"results: {run_dir / 'results.json'}")
+    log_soup_artifacts(results, layout, tracker)
+    print(f"results: {layout.results()}")
     return text
 
 
@@ -114,10 +113,10 @@ def log_diagnostics(diag: dict, tracker: Tracker) -> None:
     tracker.log_table("diagnostics", ["line"], [[x] for x in diag.get("lines", [])])
 
 
-def log_soup_artifacts(results: dict, run_dir: Path, tracker: Tracker) -> None:
+def log_soup_artifacts(results: dict, layout: RunLayout, tracker: Tracker) -> None:
     """Each weight soup as an artifact: its safetensors, and its JSON with the ingredient list and settings."""
     for name in results["methods"]:
-        weights, meta_path = run_dir / "soups" / f"{name}.safetensors", run_dir / "soups" / f"{name}.json"
+        weights, meta_path = layout.soup_weights(name), layout.soup_meta(name)
         if weights.is_file() and meta_path.is_file():
             meta = read_json(meta_path)
             tracker.log_artifact(f"soup-{results['name']}-{name}", "model", [weights, meta_path],

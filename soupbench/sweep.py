@@ -21,6 +21,7 @@ from soupbench.config_schema import check_settings
 from soupbench.errors import report_errors
 from soupbench.io import write_json
 from soupbench.resolvers import override_values, seed_tag
+from soupbench.run_layout import RunLayout
 
 log = logging.getLogger("soupbench")
 FAILED_MARKER = "FAILED.json"
@@ -82,10 +83,11 @@ class SoupAfterSweep(Callback):
             jobs = [soup_job(launcher, cfg) for cfg in cfgs]
             for cfg, job in zip(cfgs, jobs, strict=True):
                 job.result()
-                table = Path(cfg.paths.run_dir) / "results.txt"
+                layout = RunLayout(Path(cfg.paths.run_dir))
+                table = layout.results("txt")
                 if table.is_file():
                     print(table.read_text(), flush=True)
-                log.info("soup job done: %s", Path(cfg.paths.run_dir) / "results.json")
+                log.info("soup job done: %s", layout.results())
             return
         for cfg in cfgs:
             log.info("sweep finished: building soups from every ingredient in %s", cfg.ingredients.dir)

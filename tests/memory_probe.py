@@ -14,7 +14,8 @@ from soupbench.backbones import Classifier
 from soupbench.data import Split
 from soupbench.ingredients import Ingredient
 from soupbench.io import fingerprint, save_weights
-from soupbench.soups import SoupContext, learned
+from soupbench.soups import learned
+from soupbench.soups.context import SoupContext
 
 WIDTH = 40_000          # 192 x 40k floats = 30.7 MB per ingredient
 

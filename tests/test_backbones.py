@@ -1,4 +1,5 @@
-"""Every backbone builds and gives logits of the right shape; CLIP's zero-shot head; local weight files."""
+"""Every backbone builds and gives logits of the right shape; CLIP's zero-shot head; local weight files;
+the BatchNorm helpers."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import soupbench
+from soupbench.backbones import recalibrate_batchnorm, set_batchnorm_eval
 from soupbench.backbones.open_clip_model import create as create_clip
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.pipeline import build
-from tests.conftest import compose_cfg
+from tests.helpers import CPU, compose_cfg, random_split, tiny_model
 
 FAST = {"efficientnet_lite0": 32, "efficientnet_lite1": 32, "efficientnet_lite2": 32, "timm": 32, "clip_vit_b32": 224}
 SLOW = {"clip_vit_b16": 224, "clip_vit_l14": 224}
@@ -177,3 +179,24 @@ def test_head_and_logits_stay_fp32_under_bf16_autocast(clip_test_model):
     assert use_bf16(torch.device("cuda"), "auto") and not use_bf16(cpu, "auto") and not use_bf16(cpu, "fp32")
     with pytest.raises(ConfigError, match="eval.precision"):
         use_bf16(cpu, "fp16")
+
+
+def test_set_batchnorm_eval_counts():
+    model = tiny_model().train()
+    assert set_batchnorm_eval(model) == 1 and not model.encoder[1].training and model.encoder[0].training
+
+
+def test_bn_recalibration_gives_the_exact_statistics():
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["encoder.1.running_mean"].fill_(5.0)
+    state["encoder.1.running_var"].fill_(9.0)
+    images = random_split(n=40).images
+    new = recalibrate_batchnorm(model, state, images, batch_size=40, device=CPU)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        conv = model.encoder[0](model.normalize(images))
+    torch.testing.assert_close(new["encoder.1.running_mean"], conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new["encoder.1.running_var"], conv.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert torch.equal(new["encoder.0.weight"], state["encoder.0.weight"])       # weights untouched
+    assert model.encoder[1].momentum == 0.1 and not model.encoder[1].training

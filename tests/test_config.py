@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import soupbench
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 GROUPS = ["backbone", "dataset", "finetune", "soup", "logger", "paths", "experiment"]
 

@@ -17,7 +17,7 @@ import soupbench
 from soupbench import config_schema
 from soupbench.config_schema import SCHEMA, Rule, dotted, plain, problems, walk
 from soupbench.errors import ConfigError, report_errors
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 GROUPS = sorted(d.name for d in soupbench.CONFIG_DIR.iterdir() if d.is_dir() and d.name != "hydra")   # new ones too
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((soupbench.CONFIG_DIR / g).glob("*.yaml"))]

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from soupbench.data import Split, mnist, pacs, stratified_split
-from soupbench.data.image_folder import load as load_image_folder_dataset
+from soupbench.data.split_folders import load as load_split_folders
 from soupbench.errors import ConfigError, DataError
 
 
@@ -98,11 +98,11 @@ def test_cifar_folders_count_check_and_heldout(tmp_path):
 
 def test_image_folder_mismatched_classes(tmp_path):
     write_tree(tmp_path, ["train", "val", "test"])
-    b = load_image_folder_dataset(str(tmp_path), 16, "train", "val", "test", [], None)
+    b = load_split_folders(str(tmp_path), 16, "train", "val", "test", [], None)
     assert len(b.train) == 30
     write_tree(tmp_path, ["shift"], classes=("dog", "cat"))
     with pytest.raises(DataError, match="differ"):
-        load_image_folder_dataset(str(tmp_path), 16, "train", "val", "test", ["shift"], None)
+        load_split_folders(str(tmp_path), 16, "train", "val", "test", ["shift"], None)
 
 
 def test_sample_draws_from_the_whole_split_not_its_first_classes():

@@ -10,7 +10,7 @@ import torch
 from soupbench.diagnostics import diagnose, edge_position, edge_summary, hyperparameter_edges, suggestion
 from soupbench.ingredients import save_ingredient
 from soupbench.io import fingerprint
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 SPACE = {"lr": {"log_uniform": [1.0e-4, 1.0e-2]}, "weight_decay": {"uniform": [0.0, 0.1]}, "epochs": [1, 2, 4],
          "augment": ["none", "crop"], "label_smoothing": [0.1]}

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from soupbench.distributed import World
 from soupbench.finetune import TrainSettings, finetune
 from soupbench.io import load_weights
-from tests.conftest import random_split, tiny_model
+from tests.helpers import random_split, tiny_model
 
 HP = {"lr": 1e-2, "weight_decay": 0.05, "epochs": 2, "label_smoothing": 0.1, "augment": "crop_flip"}
 SETTINGS = TrainSettings(batch_size=16, warmup_frac=0.1, max_grad_norm=None, freeze_bn=True, image_size=8)

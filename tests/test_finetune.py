@@ -3,10 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soupbench.backbones import set_batchnorm_eval
 from soupbench.errors import ConfigError
 from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, linear_probe
-from tests.conftest import random_split, tiny_model
+from tests.helpers import random_split, tiny_model
 
 SPACE = {"lr": {"log_uniform": [1e-4, 1e-2]}, "epochs": [1, 2], "augment": ["none", "crop"]}
 SETTINGS = TrainSettings(batch_size=16, warmup_frac=0.1, max_grad_norm=1.0, freeze_bn=True, image_size=8)
@@ -119,9 +118,6 @@ def test_linear_probe_fits_separable_features():
     assert stats["lp_train_acc"] > 90
 
 
-def test_set_batchnorm_eval_counts():
-    model = tiny_model().train()
-    assert set_batchnorm_eval(model) == 1 and not model.encoder[1].training and model.encoder[0].training
 
 
 def test_linear_probe_init_keeps_or_refits_the_backbone_head():
@@ -138,18 +134,3 @@ def test_linear_probe_init_keeps_or_refits_the_backbone_head():
         linear_probe(model, empty, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
     linear_probe(model, train, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
     assert not torch.equal(model.head.weight, head)                     # refitted, starting from it
-
-
-def test_ingredient_limit_and_top_k_elimination(tmp_path):
-    from soupbench.pipeline import restrict
-    from tests.conftest import make_store
-
-    _, store = make_store(tmp_path, 5)                       # held-out accuracy 50 + i: g04 is the best
-    assert [g.id for g in restrict(store, None, 0)] == [g.id for g in store]
-    assert [g.id for g in restrict(store, 3, 0)] == ["g00", "g01", "g02"]
-    assert [g.id for g in restrict(store, None, 2)] == ["g00", "g01", "g02"]      # g04, g03 eliminated
-    assert [g.id for g in restrict(store, 3, 1)] == ["g00", "g01"]               # the best of the first 3
-    with pytest.raises(ConfigError, match="ingredients.exclude_top=5"):
-        restrict(store, None, 5)
-    with pytest.raises(ConfigError, match="ingredients.limit=0"):
-        restrict(store, 0, 0)

@@ -10,7 +10,7 @@ import torch
 from soupbench.data.imagenet import COUNTS, imagenet_splits, in_heldout, load, ood_files
 from soupbench.errors import DataError
 from soupbench.evaluate import accuracy
-from tests.imagenet_fixture import make_tree, objectnet_truth
+from tests.helpers import make_tree, objectnet_truth
 
 
 @pytest.fixture(scope="module")

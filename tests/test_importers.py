@@ -12,8 +12,7 @@ from soupbench.errors import CheckpointError
 from soupbench.importers import convert_model_soups_state
 from soupbench.io import load_weights, read_json
 from soupbench.pipeline import Run, run
-from tests.conftest import compose_cfg
-from tests.imagenet_fixture import make_tree
+from tests.helpers import compose_cfg, make_tree
 
 
 def released_format(state: dict[str, torch.Tensor], noise: float, seed: int) -> dict[str, torch.Tensor]:

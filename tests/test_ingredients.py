@@ -1,9 +1,12 @@
-"""The ingredient store: order and listing."""
+"""The ingredient store: order, listing and the ablations' restriction."""
 
 from __future__ import annotations
 
-from soupbench.ingredients import list_ingredients, natural_key, save_ingredient
-from tests.conftest import make_store
+import pytest
+
+from soupbench.errors import ConfigError
+from soupbench.ingredients import list_ingredients, natural_key, restrict, save_ingredient
+from tests.helpers import make_store
 
 
 def test_listing_is_in_natural_order_like_the_released_files(tmp_path):
@@ -14,3 +17,15 @@ def test_listing_is_in_natural_order_like_the_released_files(tmp_path):
         save_ingredient(tmp_path / "store", f"ms-model_{i}", g.load(), {k: v for k, v in g.meta.items() if k != "id"})
     assert [x.id for x in list_ingredients(tmp_path / "store")] == [f"ms-model_{i}" for i in (0, 1, 2, 10, 11)]
     assert sorted(["ft010-a", "ft002-b", "ft001-c"], key=natural_key) == ["ft001-c", "ft002-b", "ft010-a"]
+
+
+def test_ingredient_limit_and_top_k_elimination(tmp_path):
+    _, store = make_store(tmp_path, 5)                       # held-out accuracy 50 + i: g04 is the best
+    assert [g.id for g in restrict(store, None, 0)] == [g.id for g in store]
+    assert [g.id for g in restrict(store, 3, 0)] == ["g00", "g01", "g02"]
+    assert [g.id for g in restrict(store, None, 2)] == ["g00", "g01", "g02"]      # g04, g03 eliminated
+    assert [g.id for g in restrict(store, 3, 1)] == ["g00", "g01"]               # the best of the first 3
+    with pytest.raises(ConfigError, match="ingredients.exclude_top=5"):
+        restrict(store, None, 5)
+    with pytest.raises(ConfigError, match="ingredients.limit=0"):
+        restrict(store, 0, 0)

@@ -13,8 +13,7 @@ from soupbench.ingredients import save_ingredient
 from soupbench.io import fingerprint
 from soupbench.soups import learned
 from soupbench.soups.learned import coefficient_gradient, coefficient_weights, combine, learnable_names
-from tests.conftest import make_store, random_split, tiny_model
-from tests.test_soups_basic import context
+from tests.helpers import make_store, random_split, soup_context, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -67,8 +66,8 @@ SETTINGS = dict(epochs=3, batch_size=32, lr=0.05, weight_decay=0.0, warmup_frac=
 
 def test_mehl_with_one_block_equals_hl(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path)
-    hl = learned.build(context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **SETTINGS)
-    mehl = learned.build(context(model, ings, heldout, tmp_path / "b"), "affine", "layer", len(ings), **SETTINGS)
+    hl = learned.build(soup_context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **SETTINGS)
+    mehl = learned.build(soup_context(model, ings, heldout, tmp_path / "b"), "affine", "layer", len(ings), **SETTINGS)
     assert torch.equal(torch.tensor(hl.info["coefficients"]), torch.tensor(mehl.info["coefficients"]))
     assert fingerprint(hl.state) == fingerprint(mehl.state)
 
@@ -76,7 +75,7 @@ def test_mehl_with_one_block_equals_hl(tmp_path):
 @pytest.mark.parametrize("granularity", ["model", "layer"])
 def test_simplex_stays_on_the_simplex(tmp_path, granularity):
     model, heldout, ings = store_with_accuracies(tmp_path)
-    res = learned.build(context(model, ings, heldout, tmp_path), "simplex", granularity, **SETTINGS)
+    res = learned.build(soup_context(model, ings, heldout, tmp_path), "simplex", granularity, **SETTINGS)
     w = torch.tensor(res.info["coefficients"])
     assert (w >= 0).all() and (w <= 1).all()
     torch.testing.assert_close(w.sum(0), torch.ones(w.shape[1]))
@@ -107,7 +106,7 @@ def test_affine_extrapolates_where_the_optimum_lies_outside(tmp_path):
         s["head.bias"] = t * teacher_b
         ings.append(save_ingredient(tmp_path, f"g{i}", s, {"fingerprint": fingerprint(s), "base_fingerprint": bf,
                                                             "heldout_acc": 50.0 + i}))
-    ctx = context(model, ings, heldout, tmp_path)
+    ctx = soup_context(model, ings, heldout, tmp_path)
     ctx.base = start
     kw = dict(SETTINGS, epochs=30, lr=0.2)
     hl = learned.build(ctx, "affine", "model", None, centre="base", normalize_directions=False, **kw)
@@ -126,7 +125,7 @@ def test_affine_extrapolates_where_the_optimum_lies_outside(tmp_path):
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     model, heldout, ings = store_with_accuracies(tmp_path)
     kw = dict(parameterisation="affine", granularity="layer", block_size=1, **SETTINGS)
-    full = learned.build(context(model, ings, heldout, tmp_path / "full"), **kw)
+    full = learned.build(soup_context(model, ings, heldout, tmp_path / "full"), **kw)
 
     calls = {"n": 0}
     original = type(ings[0]).load
@@ -137,7 +136,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(self, device)
 
-    ctx = context(model, ings, heldout, tmp_path / "resumed")
+    ctx = soup_context(model, ings, heldout, tmp_path / "resumed")
     monkeypatch.setattr(type(ings[0]), "load", flaky_load)
     with pytest.raises(KeyboardInterrupt):
         learned.build(ctx, **kw)
@@ -158,10 +157,10 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
 
 def test_learned_soup_improves_heldout_loss(tmp_path):
     """Full-batch steps: MEHL+ (2 blocks) must end below its start, the mean of the first block."""
-    from soupbench.soups import average
+    from soupbench.soups.averaging import average
 
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
-    ctx = context(model, ings, heldout, tmp_path)
+    ctx = soup_context(model, ings, heldout, tmp_path)
     res = learned.build(ctx, "affine", "layer", 2, **dict(SETTINGS, epochs=20, batch_size=len(heldout), lr=0.02))
     loss = lambda s: F.cross_entropy(predict(model, heldout.images, 64, CPU, s), heldout.labels).item()  # noqa: E731
     assert loss(res.state) < loss(average(ings[:2])) - 1e-3
@@ -173,7 +172,7 @@ def test_bad_settings_are_named(tmp_path):
     from soupbench.errors import ConfigError
 
     model, heldout, ings = store_with_accuracies(tmp_path)
-    ctx = context(model, ings, heldout, tmp_path)
+    ctx = soup_context(model, ings, heldout, tmp_path)
     with pytest.raises(ConfigError, match="block_size=null"):
         learned.build(ctx, "simplex", "model", block_size=2)
     with pytest.raises(ConfigError, match="granularity"):
@@ -184,24 +183,6 @@ def test_combine_is_centre_plus_weighted_directions():
     d = {"a": torch.arange(6.0).view(2, 3)}
     out = combine({"a": torch.ones(3)}, d, torch.tensor([[2.0], [-1.0]]), ["a"])
     torch.testing.assert_close(out["a"], torch.ones(3) + 2 * d["a"][0] - d["a"][1])
-
-
-def test_bn_recalibration_gives_the_exact_statistics():
-    from soupbench.backbones import recalibrate_batchnorm
-
-    model = tiny_model()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["encoder.1.running_mean"].fill_(5.0)
-    state["encoder.1.running_var"].fill_(9.0)
-    images = random_split(n=40).images
-    new = recalibrate_batchnorm(model, state, images, batch_size=40, device=CPU)
-    model.load_state_dict(state)
-    with torch.no_grad():
-        conv = model.encoder[0](model.normalize(images))
-    torch.testing.assert_close(new["encoder.1.running_mean"], conv.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(new["encoder.1.running_var"], conv.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
-    assert torch.equal(new["encoder.0.weight"], state["encoder.0.weight"])       # weights untouched
-    assert model.encoder[1].momentum == 0.1 and not model.encoder[1].training
 
 
 # ---------------------------------------------------------------------------------- the official code's protocol
@@ -236,7 +217,7 @@ def test_model_wise_soup_stays_on_the_hyperplane_of_the_task_vectors(tmp_path):
     """One α per model moves every tensor of τ_i by the same factor: soup − c = Σ α_i τ_i exactly (directions
     normalised over the whole τ_i, not per tensor)."""
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
-    res = learned.build(context(model, ings, heldout, tmp_path / "w"), "affine", "model", None, **SETTINGS)
+    res = learned.build(soup_context(model, ings, heldout, tmp_path / "w"), "affine", "model", None, **SETTINGS)
     names = res.info["layers"]
     states = [g.load() for g in ings]
     centre = {n: sum(s[n] for s in states) / len(states) for n in names}
@@ -260,7 +241,7 @@ def test_model_wise_soup_stays_on_the_hyperplane_of_the_task_vectors(tmp_path):
 def test_effective_weights_rebuild_the_soup(tmp_path, kw):
     """Whatever the blocks, passes and groups: soup = Σ_i e_i θ_i + e_0 θ_0 per tensor, with the reported e."""
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
-    ctx = context(model, ings, heldout, tmp_path / "w")
+    ctx = soup_context(model, ings, heldout, tmp_path / "w")
     res = learned.build(ctx, **kw, **SETTINGS)
     eff, e0 = torch.tensor(res.info["coefficients"], dtype=torch.float64), res.info["start_weight"]
     states = [g.load() for g in ings]
@@ -331,13 +312,13 @@ def test_learned_logit_scale_gradient_matches_autograd():
 
 def test_official_learned_recipe_learns_the_scale_at_a_constant_rate(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path)
-    res = learned.build(context(model, ings, heldout, tmp_path / "w"), "simplex", "layer", None, epochs=2,
+    res = learned.build(soup_context(model, ings, heldout, tmp_path / "w"), "simplex", "layer", None, epochs=2,
                         batch_size=32, lr=0.05, schedule="constant", max_grad_norm=None, logit_scale="learned")
     (blk,) = res.info["blocks"]
     assert blk["logit_scale"] != 1.0                            # trained jointly
     assert learned.lr_schedule("constant", 100, 0.2)(0) == learned.lr_schedule("constant", 100, 0.2)(99) == 1.0
     with pytest.raises(ConfigErrorType, match="schedule"):
-        learned.build(context(model, ings, heldout, tmp_path / "x"), "simplex", "layer", None, schedule="step")
+        learned.build(soup_context(model, ings, heldout, tmp_path / "x"), "simplex", "layer", None, schedule="step")
 
 
 def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
@@ -346,7 +327,7 @@ def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
 
     model, heldout, ings = store_with_accuracies(tmp_path)
     kw = dict(parameterisation="affine", granularity="layer", block_size=2, **SETTINGS)
-    ctx = context(model, ings, heldout, tmp_path / "w")
+    ctx = soup_context(model, ings, heldout, tmp_path / "w")
     ctx.data_key = "small"
     learned.build(ctx, **kw)
     assert read_json(ctx.work_dir / "progress.json")["next_block"] == 2
@@ -361,7 +342,7 @@ def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
 
 def test_internal_split_keeps_the_epoch_with_the_lowest_loss(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
-    ctx = context(model, ings, heldout, tmp_path / "w")
+    ctx = soup_context(model, ings, heldout, tmp_path / "w")
     res = learned.build(ctx, "affine", "layer", None, **dict(SETTINGS, epochs=4, lr=0.3), val_fraction=0.25)
     (blk,) = res.info["blocks"]
     assert len(blk["val_losses"]) == 4
@@ -375,7 +356,8 @@ def test_internal_split_keeps_the_epoch_with_the_lowest_loss(tmp_path):
 def test_coefficient_penalty_pulls_toward_the_centre(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
     kw = dict(SETTINGS, epochs=4, lr=0.1)
-    free = learned.build(context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **kw)
-    tied = learned.build(context(model, ings, heldout, tmp_path / "b"), "affine", "layer", None, **kw, coef_l2=100.0)
+    free = learned.build(soup_context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **kw)
+    tied = learned.build(soup_context(model, ings, heldout, tmp_path / "b"), "affine", "layer", None, **kw,
+                         coef_l2=100.0)
     size = lambda r: torch.tensor(r.info["blocks"][0]["alpha"]).abs().max().item()  # noqa: E731
     assert size(tied) < 0.2 * size(free)

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
 from soupbench.soups import learned
-from tests.conftest import make_store, random_split, tiny_model
+from tests.helpers import make_store, random_split, tiny_model
 from tests.test_soups_basic import context
 
 WORLD = 2

@@ -10,8 +10,9 @@ import torch
 
 from soupbench.ingredients import save_ingredient
 from soupbench.io import fingerprint
-from soupbench.soups import SoupContext, model_stock
-from tests.conftest import make_store, tiny_model
+from soupbench.soups import model_stock
+from soupbench.soups.context import SoupContext
+from tests.helpers import make_store, tiny_model
 
 CPU = torch.device("cpu")
 

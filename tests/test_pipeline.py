@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from soupbench.errors import CheckpointError, DataError
 from soupbench.io import load_weights, read_json, save_weights
 from soupbench.pipeline import run
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg, copy_of_run
 
 
 def test_report_has_every_method_and_split(tiny_run):
@@ -50,11 +49,6 @@ def test_rerun_reuses_finished_work(tiny_run):
     again = run(cfg)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps     # nothing retrained or rebuilt
     assert again["methods"] == results["methods"]
-
-
-def copy_of_run(tiny_run, tmp_path: Path) -> Path:
-    shutil.copytree(tiny_run[2], tmp_path / "tiny")
-    return tmp_path / "tiny"
 
 
 def snapshot(run_dir: Path) -> dict[Path, bytes]:

@@ -8,18 +8,10 @@ import torch
 from soupbench.evaluate import accuracy, ensemble_logits, predict
 from soupbench.ingredients import save_ingredient, sort_by_heldout
 from soupbench.io import fingerprint
-from soupbench.soups import SoupContext, best_individual, ensemble, greedy, uniform
-from tests.conftest import make_store, random_split, tiny_model
+from soupbench.soups import best_individual, ensemble, greedy, uniform
+from tests.helpers import make_store, random_split, soup_context, tiny_model
 
 CPU = torch.device("cpu")
-
-
-def context(model, ingredients, heldout, tmp_path):
-    return SoupContext(
-        ingredients=ingredients, base=model.state_dict(), heldout=heldout, model=model,
-        device=CPU, work_dir=tmp_path / "work",
-        heldout_accuracy=lambda s: accuracy(predict(model, heldout.images, 32, CPU, s), heldout),
-        ingredient_logits=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()))
 
 
 def with_true_heldout(model, ingredients, heldout):
@@ -34,7 +26,7 @@ def with_true_heldout(model, ingredients, heldout):
 def test_uniform_equals_reference_mean(tmp_path):
     model = tiny_model()
     _, ings = make_store(tmp_path, 5)
-    soup = uniform.build(context(model, ings, random_split(), tmp_path)).state
+    soup = uniform.build(soup_context(model, ings, random_split(), tmp_path)).state
     states = [g.load() for g in ings]
     for k, v in soup.items():
         if v.is_floating_point():
@@ -51,7 +43,7 @@ def test_greedy_never_below_first_and_keeps_heldout_order(tmp_path, seed):
     heldout = random_split(n=96, seed=seed)
     _, ings = make_store(tmp_path, 6, scale=0.4, seed=seed, model=model)
     ings = with_true_heldout(model, ings, heldout)
-    result = greedy.build(context(model, ings, heldout, tmp_path))
+    result = greedy.build(soup_context(model, ings, heldout, tmp_path))
     order = [g.id for g in sort_by_heldout(ings)]
     first_acc = sort_by_heldout(ings)[0].heldout_acc
     path = result.info["path"]
@@ -67,7 +59,7 @@ def test_greedy_never_below_first_and_keeps_heldout_order(tmp_path, seed):
     assert final_acc >= first_acc
     # the soup is the plain mean of its members
     members = [g for g in ings if g.id in result.members]
-    ref = uniform.build(context(model, members, heldout, tmp_path)).state
+    ref = uniform.build(soup_context(model, members, heldout, tmp_path)).state
     for k in ref:
         torch.testing.assert_close(result.state[k], ref[k], rtol=0, atol=1e-6)
 
@@ -78,7 +70,7 @@ def test_greedy_accept_rule(tmp_path):
     heldout = random_split()
     _, (g0,) = make_store(tmp_path, 1)
     twin = save_ingredient(tmp_path, "twin", g0.load(), {**g0.meta, "heldout_acc": g0.heldout_acc - 1})
-    ctx = context(model, [g0, twin], heldout, tmp_path)
+    ctx = soup_context(model, [g0, twin], heldout, tmp_path)
     assert greedy.build(ctx, accept=">=").members == [g0.id, "twin"]
     assert greedy.build(ctx, accept=">").members == [g0.id]
 
@@ -87,7 +79,7 @@ def test_best_individual_and_ensemble(tmp_path):
     model = tiny_model()
     heldout = random_split()
     _, ings = make_store(tmp_path, 4, scale=0.3)
-    ctx = context(model, ings, heldout, tmp_path)
+    ctx = soup_context(model, ings, heldout, tmp_path)
     best = best_individual.build(ctx)
     assert best.members == [max(ings, key=lambda g: g.heldout_acc).id]
     assert fingerprint(best.state) == max(ings, key=lambda g: g.heldout_acc).fingerprint
@@ -100,61 +92,13 @@ def test_best_individual_and_ensemble(tmp_path):
     assert greedy_ens.info["heldout_acc"] >= accuracy(logits[[g.id for g in ings].index(best.members[0])], heldout)
 
 
-def test_stream_states_yields_in_order_and_loads_the_next_during_the_current(tmp_path):
-    import threading
-    import time
-
-    from soupbench.soups import stream_states
-
-    _, store = make_store(tmp_path, 4)
-    streamed = [(g.id, s) for g, s in stream_states(store)]
-    assert [i for i, _ in streamed] == [g.id for g in store]
-    for (_, s), g in zip(streamed, store, strict=True):
-        assert torch.equal(s["head.weight"], g.load()["head.weight"])
-
-    events: list[tuple[str, int, float]] = []
-
-    class SlowLoad:
-        def __init__(self, i: int) -> None:
-            self.i = i
-
-        def load(self, device):
-            events.append(("load", self.i, time.perf_counter()))
-            assert threading.current_thread().name.startswith("soupbench-load")
-            return {"x": torch.full((2,), float(self.i))}
-
-    for g, _ in stream_states([SlowLoad(i) for i in range(3)]):
-        events.append(("work", g.i, time.perf_counter()))
-        time.sleep(0.2)
-        events.append(("done", g.i, time.perf_counter()))
-    when = {(kind, i): t for kind, i, t in events}
-    for i in range(2):                    # ingredient i+1 was being loaded while i was being worked on
-        assert when[("load", i + 1)] < when[("done", i)]
-
-
-def test_evaluator_keeps_images_on_the_device_only_on_a_gpu_and_only_as_asked(tmp_path):
-    from soupbench.data import DataBundle
-    from soupbench.errors import ConfigError
-    from soupbench.evaluate import Evaluator
-
-    split = random_split(16)
-    data = DataBundle(["a", "b", "c"], split, split, split)
-    cpu = Evaluator(tiny_model(), data, None, "k", 8, torch.device("cpu"), images_on_device="all")
-    assert cpu.resident == set() and cpu.images("heldout") is split.images
-    with pytest.raises(ConfigError, match="eval.images_on_device='yes'"):
-        Evaluator(tiny_model(), data, None, "k", 8, torch.device("cpu"), images_on_device="yes")
-    if torch.cuda.is_available():
-        gpu = Evaluator(tiny_model(), data, None, "k", 8, torch.device("cuda"), images_on_device="heldout")
-        assert gpu.images("heldout").is_cuda and not gpu.images("test").is_cuda
-
-
 def test_greedy_ensemble_accept_rule_and_running_sum(tmp_path):
     """Members in held-out order; the candidate ensemble's accuracy from a running probability sum equals the
     direct mean of the members' probabilities; `>` refuses a member that only ties."""
     model = tiny_model()
     heldout = random_split(n=48)
     _, ings = make_store(tmp_path, 5, scale=0.3)
-    ctx = context(model, ings, heldout, tmp_path)
+    ctx = soup_context(model, ings, heldout, tmp_path)
     for accept in (">=", ">"):
         res = ensemble.build(ctx, greedy=True, accept=accept)
         order = sort_by_heldout(ings)
@@ -169,6 +113,6 @@ def test_greedy_ensemble_accept_rule_and_running_sum(tmp_path):
     # a duplicate of the best ingredient ties exactly: kept with >=, refused with >
     twin = save_ingredient(tmp_path, "twin", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.0})
     first = save_ingredient(tmp_path, "first", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.5})
-    ctx2 = context(model, [first, twin], heldout, tmp_path / "b")
+    ctx2 = soup_context(model, [first, twin], heldout, tmp_path / "b")
     assert ensemble.build(ctx2, greedy=True, accept=">=").members == ["first", "twin"]
     assert ensemble.build(ctx2, greedy=True, accept=">").members == ["first"]

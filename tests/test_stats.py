@@ -1,4 +1,4 @@
-"""Paired bootstrap intervals against hand-computed cases, and the tables that show them."""
+"""Paired bootstrap intervals against hand-computed cases, and as the pipeline keeps and reports them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from soupbench.errors import ConfigError
 from soupbench.io import load_weights
 from soupbench.stats import bootstrap_indices, paired_deltas, resampled_means
-from soupbench.tables import Interval, MeanStd, cell, render
 
 
 def deltas(correct, splits=("test",), ood=(), refs=("ref",), n=1000, confidence=0.95, seed=0):
@@ -72,19 +71,6 @@ def test_references_that_were_not_run_and_disabled_bootstrap():
     assert deltas(hits, refs=("best_individual",), n=0) == {}
     with pytest.raises(ConfigError, match="report.bootstrap.confidence=95"):
         deltas(hits, refs=("best_individual",), confidence=95)
-
-
-def test_cells_mark_intervals_that_exclude_zero_in_every_format():
-    sig, not_sig = Interval(1.5, 0.25, 2.75), Interval(-0.5, -1.0, 0.5)
-    assert cell(sig, "text") == "+1.50 [+0.25, +2.75]*" and cell(not_sig, "text").strip() == "-0.50 [-1.00, +0.50]"
-    assert cell(sig, "markdown") == "**+1.50 [+0.25, +2.75]**"
-    assert cell(sig, "latex").startswith("\\textbf{") and not cell(not_sig, "latex").startswith("\\textbf")
-    assert cell(MeanStd(80.0, 0.5, 3), "text") == "80.00 ± 0.50"
-    assert cell(MeanStd(80.0, None, 1), "latex") == "$80.00$"
-    tex = render(["method", "test"], [["best_individual", 1.0]], "latex")
-    assert "best\\_individual & 1.00 \\\\" in tex and "\\toprule" in tex
-    md = render(["method", "test"], [["uniform", 1.0]], "markdown")
-    assert md.splitlines()[:3] == ["| method | test |", "| :-- | --: |", "| uniform | 1.00 |"]
 
 
 def test_the_pipeline_keeps_per_image_correctness_and_reports_intervals(tiny_run):

@@ -12,7 +12,7 @@ from soupbench.data import Split
 from soupbench.data.streaming import AUGMENTS, TrainImages, epoch_loader, train_transform
 from soupbench.errors import ConfigError
 from soupbench.runtime import LogProgress
-from tests.conftest import random_split
+from tests.helpers import random_split
 
 
 def test_every_augmentation_keeps_uint8_at_the_input_size_and_is_seeded():

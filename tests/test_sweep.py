@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 import soupbench
 from soupbench.io import read_json
 from soupbench.sweep import FAILED_MARKER, SoupAfterSweep, after_sweep_config, sweeps_ingredients
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 
 def sweep(tmp: Path, *overrides: str, launcher: str = "local") -> subprocess.CompletedProcess:

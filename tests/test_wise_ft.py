@@ -9,9 +9,9 @@ from soupbench.errors import ConfigError
 from soupbench.evaluate import accuracy, predict
 from soupbench.io import read_json, write_json
 from soupbench.pipeline import run
-from soupbench.soups import SoupContext, SoupResult, wise_ft
-from tests.conftest import compose_cfg, make_store, random_split, tiny_model
-from tests.test_pipeline import copy_of_run
+from soupbench.soups import wise_ft
+from soupbench.soups.context import SoupContext, SoupResult
+from tests.helpers import compose_cfg, copy_of_run, make_store, random_split, tiny_model
 
 CPU = torch.device("cpu")
 

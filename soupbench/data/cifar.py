@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from soupbench.data import DataBundle, Split, stratified_split
-from soupbench.data.folder import load_image_folder
+from soupbench.data.decoded_cache import load_image_folder
 from soupbench.errors import ConfigError, DataError
 
 SIZES = {10: {"train": 50_000, "test": 10_000}, 100: {"train": 50_000, "test": 10_000}}

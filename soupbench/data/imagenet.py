@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from soupbench.data import DataBundle, Split
-from soupbench.data.folder import IMAGE_EXTENSIONS, decode_cached
+from soupbench.data.decoded_cache import IMAGE_EXTENSIONS, decode_cached
 from soupbench.errors import ConfigError, DataError
 
 # published sizes (the model-soups / MEHL-Soup evaluation protocol)

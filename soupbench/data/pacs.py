@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from soupbench.data import DataBundle, Split, stratified_split
-from soupbench.data.folder import load_image_folder
+from soupbench.data.decoded_cache import load_image_folder
 from soupbench.errors import ConfigError, DataError
 
 DOMAINS = ("photo", "art_painting", "cartoon", "sketch")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from soupbench.ingredients import sort_by_heldout
-from soupbench.soups import SoupContext, SoupResult
+from soupbench.soups.context import SoupContext, SoupResult
 
 
 def build(ctx: SoupContext) -> SoupResult:

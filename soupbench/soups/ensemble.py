@@ -11,7 +11,7 @@ import torch
 from soupbench.errors import ConfigError
 from soupbench.evaluate import accuracy
 from soupbench.ingredients import sort_by_heldout
-from soupbench.soups import SoupContext, SoupResult
+from soupbench.soups.context import SoupContext, SoupResult
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from soupbench.errors import ConfigError
 from soupbench.evaluate import accuracy
 from soupbench.ingredients import sort_by_heldout
-from soupbench.soups import SoupContext, SoupResult, is_averaged, stream_states
+from soupbench.soups.averaging import is_averaged, stream_states
+from soupbench.soups.context import SoupContext, SoupResult
 
 
 def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:

@@ -52,9 +52,10 @@ from tqdm.auto import tqdm
 
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
-from soupbench.io import hash_settings, load_weights, read_json, save_weights, to_device, write_json
+from soupbench.io import hash_settings, load_weights, reusable_meta, save_weights, to_device, write_json
 from soupbench.runtime import autocast, lr_schedule
-from soupbench.soups import SoupContext, SoupResult, is_averaged
+from soupbench.soups.averaging import is_averaged
+from soupbench.soups.context import SoupContext, SoupResult
 
 
 def learnable_names(model: torch.nn.Module) -> list[str]:
@@ -511,13 +512,11 @@ def _save_progress(ctx: SoupContext, key: str, soup: dict, raw: list, losses: li
 
 def _resume(ctx: SoupContext, key: str, num_layers: int) -> dict:
     weights_path, meta_path = _state_paths(ctx)
-    if meta_path.is_file() and weights_path.is_file():
-        meta = read_json(meta_path)
-        if meta.get("key") == key:
-            t = load_weights(weights_path)
-            soup = {k.removeprefix("soup."): v for k, v in t.items() if k.startswith("soup.")}
-            return {"soup": soup, "raw": meta["blocks"], "losses": meta["losses"], "next_block": meta["next_block"],
-                    "effective": t["effective"], "effective_base": t["effective_base"]}
+    if weights_path.is_file() and (meta := reusable_meta(meta_path, "key", key)) is not None:
+        t = load_weights(weights_path)
+        soup = {k.removeprefix("soup."): v for k, v in t.items() if k.startswith("soup.")}
+        return {"soup": soup, "raw": meta["blocks"], "losses": meta["losses"], "next_block": meta["next_block"],
+                "effective": t["effective"], "effective_base": t["effective_base"]}
     K = len(ctx.ingredients)
     return {"soup": None, "raw": [], "losses": [], "next_block": 0,
             "effective": torch.zeros(K, num_layers, dtype=torch.float64),

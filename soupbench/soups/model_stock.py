@@ -12,7 +12,7 @@ Streamed: one pass over the ingredients, two in memory at most (one loading). Th
 no pairs: with unit vectors u_i = τ_i / ||τ_i||, ||Σ u_i||² = k + 2·Σ_{i<j} cos_ij, so only Σ θ_i and Σ u_i are
 kept (float64).
 
-Every floating-point tensor, BatchNorm statistics included, follows the rule (as soupbench.soups.average
+Every floating-point tensor, BatchNorm statistics included, follows the rule (as soupbench.soups.averaging.average
 averages them all); integer buffers are the first ingredient's. Degenerate cases, each listed in `info`:
 k = 1 gives that ingredient (t = 1); a zero task vector has no direction and counts as cosine 0 with every
 other; a tensor no ingredient changed keeps θ0 (= the average); a negative mean cosine is clamped to 0 (t = 0,
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from soupbench.soups import SoupContext, SoupResult, is_averaged, stream_states
+from soupbench.soups.averaging import is_averaged, stream_states
+from soupbench.soups.context import SoupContext, SoupResult
 
 
 def interpolation_ratio(cos: float, k: int) -> float:

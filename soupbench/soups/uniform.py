@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from soupbench.soups import SoupContext, SoupResult, average
+from soupbench.soups.averaging import average
+from soupbench.soups.context import SoupContext, SoupResult
 
 
 def build(ctx: SoupContext) -> SoupResult:

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from soupbench.errors import ConfigError
 from soupbench.evaluate import accuracy
 from soupbench.ingredients import sort_by_heldout
-from soupbench.soups import SoupContext, SoupResult, is_averaged
+from soupbench.soups.averaging import is_averaged
+from soupbench.soups.context import SoupContext, SoupResult
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 

@@ -1,5 +1,6 @@
-"""Image folders (`<root>/<class>/<image>`) decoded once to uint8 at the input size and cached on disk, so
-later runs and repeated evaluation passes never decode JPEGs again."""
+"""How the folder-based loaders read images: class folders (`<root>/<class>/<image>`), or any list of files,
+decoded once to uint8 at the input size and cached on disk, so later runs and repeated evaluation passes never
+decode JPEGs again."""
 
 from __future__ import annotations
 

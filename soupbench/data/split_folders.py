@@ -1,12 +1,12 @@
-"""Any dataset laid out as `<root>/<split>/<class>/<image>`: train, held-out and test folders by name, and
-any number of OOD folders with the same classes."""
+"""The `dataset=image_folder` option: any dataset laid out as `<root>/<split>/<class>/<image>`: train,
+held-out and test folders by name, and any number of OOD folders with the same classes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from soupbench.data import DataBundle, Split
-from soupbench.data.folder import load_image_folder
+from soupbench.data.decoded_cache import load_image_folder
 from soupbench.errors import DataError
 
 

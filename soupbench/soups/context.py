@@ -1,0 +1,54 @@
+"""What a soup method is given (`SoupContext`) and what it returns (`SoupResult`): the one interface between
+the pipeline and the methods, so a method never reaches into the run itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from soupbench.data import Split
+from soupbench.ingredients import Ingredient
+
+
+def _no_earlier_soups(name: str) -> SoupResult:
+    from soupbench.errors import ConfigError
+
+    raise ConfigError(f"soup '{name}' was asked for, but no earlier soups are available here")
+
+
+@dataclass
+class SoupContext:
+    """What every soup method may use. Selection uses only the held-out split."""
+
+    ingredients: list[Ingredient]
+    base: dict[str, torch.Tensor]          # the shared start (LP weights), CPU
+    heldout: Split
+    model: torch.nn.Module                 # template network, on `device`
+    device: torch.device
+    work_dir: Path                          # resumable state of this soup
+    heldout_accuracy: Callable[[Mapping[str, torch.Tensor]], float]   # uncached, for one-off candidates
+    ingredient_logits: Callable[[Ingredient, str], torch.Tensor]       # cached held-out logits
+    progress: bool = False
+    data_key: str = ""                     # settings hash of the data: resume state is valid for this data only
+    precision: str = "auto"                # eval.precision, for the learned soups' forward passes
+    heldout_images: torch.Tensor | None = None   # the evaluator's copy (on the GPU when resident), shared
+    # a soup built before this one in the same run (soup=[...] order), by name: members and weights (CPU);
+    # the pipeline records which ones a soup used and rebuilds it when they change
+    earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups
+
+
+@dataclass
+class SoupResult:
+    """`state` holds the soup's weights; an output ensemble has none and is evaluated from its members'
+    logits."""
+
+    members: list[str]
+    state: dict[str, torch.Tensor] | None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "weights" if self.state is not None else "ensemble"
