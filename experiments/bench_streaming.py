@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from soupbench.data import Split  # noqa: E402
-from soupbench.data.streaming import TrainImages, epoch_loader, train_transform  # noqa: E402
+from soupbench.data.streaming import TrainImages, decoded, epoch_loader, train_transform  # noqa: E402
 
 
 def make_jpegs(root: Path, n: int, classes: int = 10) -> Split:
@@ -85,8 +85,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files = make_jpegs(Path(tmp), a.images)
-        decoded = files.decoded(a.size)
-        for source, split in (("jpeg files", files), ("decoded tensor", decoded)):
+        in_memory = decoded(files, a.size)
+        for source, split in (("jpeg files", files), ("decoded tensor", in_memory)):
             for w in a.workers:
                 rows.append({"source": source, "workers": w,
                              "loader_img_s": throughput(split, a.size, w, a.batch, a.augment, a.randaugment),

@@ -19,6 +19,7 @@ from soupbench import diagnostics, distributed, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.config_schema import validate
 from soupbench.data import DataBundle
+from soupbench.data.streaming import decoded
 from soupbench.distributed import barrier
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct, ensemble_logits, percent
@@ -284,7 +285,7 @@ class Run:
             result: SoupResult = make_soup(ctx)
             if bn["enabled"] and result.state is not None and has_batchnorm(self.model):
                 sample = self.data.train.sample(bn["num_images"], bn["seed"])
-                images = sample.decoded(self.cfg.dataset.image_size).images
+                images = decoded(sample, self.cfg.dataset.image_size).images
                 result.state = recalibrate_batchnorm(self.model, result.state, images, bn["batch_size"], self.device)
                 result.info["bn_recalibrated_on"] = len(images)
             elapsed = time.perf_counter() - t0

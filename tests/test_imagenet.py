@@ -46,12 +46,14 @@ def test_imagenet_splits_are_deterministic_disjoint_and_test_is_val(tree, bundle
 
 def test_streamed_train_is_the_same_images_left_as_files(tree, bundle, tmp_path):
     """stream_train keeps train as its files (nothing decoded up front); decoded, they are the cached images."""
+    from soupbench.data.streaming import decoded
+
     ood = {k: str(v) for k, v in tree.items() if k != "imagenet"}
     streamed = load(str(tree["imagenet"]), 12, heldout_fraction=0.2, split_seed=0, num_train=50, num_heldout=None,
                     num_test=None, num_ood=None, ood=ood, check_counts=False, cache_dir=str(tmp_path), workers=2,
                     stream_train=True)
     assert streamed.train.images is None and len(streamed.train.files) == 50
-    assert torch.equal(streamed.train.decoded(12).images[:, 0, 5, 5].long(), streamed.train.labels % 256)
+    assert torch.equal(decoded(streamed.train, 12).images[:, 0, 5, 5].long(), streamed.train.labels % 256)
     assert not any("train" in p.name for p in tmp_path.iterdir())          # train was never decoded to the cache
 
 

@@ -13,8 +13,7 @@ import torch.multiprocessing as mp
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
 from soupbench.soups import learned
-from tests.helpers import make_store, random_split, tiny_model
-from tests.test_soups_basic import context
+from tests.helpers import make_store, random_split, soup_context, tiny_model
 
 WORLD = 2
 COMMON = dict(epochs=3, lr=0.05, weight_decay=0.0, warmup_frac=0.2)
@@ -54,7 +53,7 @@ def worker(rank: int, tmp_path, cases: list[str]) -> None:
         learned._save_progress = lambda *a: writes.append(1) or save(*a)
         out = {}
         for name in cases:
-            res = learned.build(context(model, ings, heldout, tmp_path / f"dist-{name}"), **CASES[name])
+            res = learned.build(soup_context(model, ings, heldout, tmp_path / f"dist-{name}"), **CASES[name])
             out[name] = {"coefficients": torch.tensor(res.info["coefficients"]), "state": res.state,
                          "blocks": res.info["blocks"], "ranks": res.info["ranks"]}
         out["writes"] = len(writes)
@@ -74,7 +73,7 @@ def runs(tmp_path_factory):
     model, heldout, ings = problem(tmp_path)
     single = {}
     for name, kw in CASES.items():
-        res = learned.build(context(model, ings, heldout, tmp_path / f"one-{name}"), **kw)
+        res = learned.build(soup_context(model, ings, heldout, tmp_path / f"one-{name}"), **kw)
         single[name] = {"coefficients": torch.tensor(res.info["coefficients"]), "state": res.state,
                         "blocks": res.info["blocks"], "ranks": res.info["ranks"]}
     return ranks, single

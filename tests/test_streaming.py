@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from soupbench.data import Split
-from soupbench.data.streaming import AUGMENTS, TrainImages, epoch_loader, train_transform
+from soupbench.data.streaming import AUGMENTS, TrainImages, decoded, epoch_loader, train_transform
 from soupbench.errors import ConfigError
 from soupbench.runtime import LogProgress
 from tests.helpers import random_split
@@ -60,7 +60,7 @@ def test_a_split_of_files_streams_the_images_its_tensor_holds(tmp_path):
         files.append(tmp_path / f"{i}.png")
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(files[-1])
     on_disk = Split("train", None, split.labels, files=files)
-    assert len(on_disk) == 6 and torch.equal(on_disk.decoded(8).images, split.images)
+    assert len(on_disk) == 6 and torch.equal(decoded(on_disk, 8).images, split.images)
     idx = torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3].sort().values.tolist()
     assert on_disk.sample(3, 0).files == [files[i] for i in idx]        # sampling keeps files as files
     t = train_transform("crop_flip", 8)

@@ -53,17 +53,6 @@ class Split:
             return Split(self.name, None, self.labels[idx], self.class_groups, [self.files[i] for i in idx.tolist()])
         return Split(self.name, self.images[idx], self.labels[idx], self.class_groups)
 
-    def decoded(self, size: int) -> Split:
-        """This split with its images in memory (file-backed: read and centre-cropped to `size`)."""
-        if self.images is not None:
-            return self
-        from soupbench.data.streaming import eval_transform, read_image
-
-        transform = eval_transform(size)
-        images = torch.stack([transform(read_image(f), None) for f in self.files]) if self.files else \
-            torch.empty(0, 3, size, size, dtype=torch.uint8)
-        return Split(self.name, images, self.labels, self.class_groups)
-
     def sample(self, n: int, seed: int) -> Split:
         """`n` images drawn at random (seeded, without replacement, kept in split order). Splits are stored
         class by class (or domain by domain), so the first n would be one or two classes."""

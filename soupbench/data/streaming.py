@@ -126,6 +126,16 @@ def read_image(path: Path) -> torch.Tensor:
         raise DataError(f"{path}: cannot decode image ({e})") from e
 
 
+def decoded(split: Split, size: int) -> Split:
+    """`split` with its images in memory: a file-backed split's files read and centre-cropped to `size`."""
+    if split.images is not None:
+        return split
+    transform = eval_transform(size)
+    images = torch.stack([transform(read_image(f), None) for f in split.files]) if split.files else \
+        torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return Split(split.name, images, split.labels, split.class_groups)
+
+
 class TrainImages(Dataset):
     """(image, label) pairs of a split, transformed per sample. The split holds decoded images (a uint8
     tensor) or only its files (`Split.files`), which are then read here, in the loader's workers."""
