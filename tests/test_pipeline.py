@@ -37,7 +37,7 @@ def test_every_ingredient_starts_from_the_same_weights(tiny_run):
 
 def test_best_individual_is_chosen_on_heldout(tiny_run):
     _, results, run_dir = tiny_run
-    best = max(results["ingredients"].items(), key=lambda kv: (kv[1]["heldout"], -ord(kv[0][-1])))
+    best = min(results["ingredients"].items(), key=lambda kv: (-kv[1]["heldout"], kv[0]))   # ties: smallest id
     assert results["methods"]["best_individual"]["heldout"] == pytest.approx(best[1]["heldout"])
     assert read_json(run_dir / "soups" / "best_individual.json")["members"] == [best[0]]
 
