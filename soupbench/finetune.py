@@ -179,14 +179,13 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     if settings.batch_size % world.size:
         raise ConfigError(f"finetune.batch_size={settings.batch_size} does not divide over {world.size} ranks")
     local_batch = settings.batch_size // world.size
-    rand_aug = hp.get("randaugment", "none")
     data = TrainImages(train, train_transform(str(hp.get("augment", "none")), settings.image_size,
-                                              None if rand_aug in (None, "none") else str(rand_aug)), seed)
+                                              hp.get("randaugment")), seed)
     epochs = int(hp["epochs"])
     steps_per_epoch = math.ceil(math.ceil(len(train) / world.size) / local_batch)
     total = steps_per_epoch * epochs
-    warmup = settings.warmup_frac if settings.warmup_steps is None else min(1.0, settings.warmup_steps / total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, settings.warmup_frac,
+                                                                      settings.warmup_steps))
     smoothing = float(hp.get("label_smoothing", 0.0))
     mix = float(hp.get("mixup", 0.0))
     mixup = _mixup(mix, smoothing, model.num_classes) if mix > 0 else None

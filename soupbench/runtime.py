@@ -48,10 +48,11 @@ def autocast(device: torch.device, precision: str = "auto"):
     return contextlib.nullcontext()
 
 
-def cosine_with_warmup(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
-    """LR factor per step: linear warm-up over int(warmup_frac * total_steps) steps, then a half cosine to 0,
-    as the model-soups and MEHL-Soup code (`cosine_lr`) compute it."""
-    warmup = int(warmup_frac * total_steps)
+def cosine_with_warmup(total_steps: int, warmup_frac: float, warmup_steps: int | None = None
+                       ) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up over int(warmup_frac * total_steps) steps (or exactly `warmup_steps`,
+    at most the whole run), then a half cosine to 0, as the model-soups and MEHL-Soup code (`cosine_lr`)."""
+    warmup = int(warmup_frac * total_steps) if warmup_steps is None else min(warmup_steps, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -134,3 +134,14 @@ def test_linear_probe_init_keeps_or_refits_the_backbone_head():
         linear_probe(model, empty, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
     linear_probe(model, train, 5, 1e-3, 16, torch.device("cpu"), init="backbone")
     assert not torch.equal(model.head.weight, head)                     # refitted, starting from it
+
+
+def test_warmup_steps_are_exact_and_override_the_fraction():
+    """finetune.warmup_steps (the model-soups recipe's 500): the lr factor rises over exactly that many steps."""
+    from soupbench.runtime import cosine_with_warmup
+
+    f = cosine_with_warmup(3000, 0.1, warmup_steps=500)
+    assert f(0) == pytest.approx(1 / 500) and f(499) == pytest.approx(1.0) and f(500) == pytest.approx(1.0)
+    assert f(2999) < 1e-5
+    assert cosine_with_warmup(3000, 0.1)(299) == pytest.approx(1.0)          # the fraction when unset: 300 steps
+    assert cosine_with_warmup(100, 0.1, warmup_steps=500)(99) == pytest.approx(1.0)   # capped at the run

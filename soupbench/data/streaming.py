@@ -92,10 +92,11 @@ def _rand_augment(spec: str) -> Callable[[torch.Tensor, torch.Generator], torch.
 
 def train_transform(augment: str, size: int, randaugment: str | None = None) -> Transform:
     """uint8 (3, H, W) -> uint8 (3, size, size). `augment`: none | crop (pad and random-crop) | crop_flip |
-    rrc_flip (random-resized crop and horizontal flip, the ImageNet recipe); `randaugment`: a timm string."""
+    rrc_flip (random-resized crop and horizontal flip, the ImageNet recipe); `randaugment`: a timm string, or
+    None / "none" for no RandAugment."""
     if augment not in AUGMENTS:
         raise ConfigError(f"finetune augment={augment!r}: expected one of {list(AUGMENTS)}")
-    rand_aug = _rand_augment(randaugment) if randaugment else None
+    rand_aug = _rand_augment(randaugment) if randaugment not in (None, "", "none") else None
 
     def transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if augment == "rrc_flip":
