@@ -60,6 +60,23 @@ def test_pacs_loader_on_a_fixture_tree(tmp_path):
         pacs.load(str(tmp_path / "pacs"), **{**kw, "ood_domains": ["photo"]})
 
 
+def test_pacs_val_unused_and_ood_cap(tmp_path):
+    """fractions may add `val` (its own evaluated split, disjoint from the rest) and `unused` (left out);
+    num_ood samples each OOD domain."""
+    write_tree(tmp_path / "pacs", ["photo", "sketch"], per_class=20)
+    kw = dict(image_size=16, id_domains=["photo"], ood_domains=["sketch"], split_seed=0, cache_dir=None)
+    b = pacs.load(str(tmp_path / "pacs"), **kw, num_ood=25,
+                  fractions={"train": 0.4, "heldout": 0.1, "val": 0.1, "test": 0.2, "unused": 0.2})
+    assert (len(b.train), len(b.heldout), len(b.val), len(b.test)) == (24, 6, 6, 12)
+    assert list(b.eval_splits()) == ["heldout", "val", "test", "sketch"] and len(b.ood["sketch"]) == 25
+    rows = lambda s: {bytes(x.numpy()) for x in s.images}  # noqa: E731
+    assert not rows(b.val) & (rows(b.train) | rows(b.heldout) | rows(b.test))
+    plain = pacs.load(str(tmp_path / "pacs"), **kw, fractions={"train": 0.6, "heldout": 0.2, "test": 0.2})
+    assert plain.val is None and list(plain.eval_splits()) == ["heldout", "test", "sketch"]
+    with pytest.raises(ConfigError, match="dataset.fractions"):
+        pacs.load(str(tmp_path / "pacs"), **kw, fractions={"train": 0.6, "heldout": 0.2, "extra": 0.2})
+
+
 def test_pacs_loader_on_the_real_release(pacs_root, tmp_path):
     """The real PACS layout: 7 classes in every domain; each ID domain split in full, the OOD domain whole."""
     b = pacs.load(str(pacs_root), 16, ["photo"], ["art_painting"], {"train": 0.7, "heldout": 0.15, "test": 0.15},

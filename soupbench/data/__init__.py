@@ -75,6 +75,7 @@ class DataBundle:
     ood: dict[str, Split] = field(default_factory=dict)
     class_names: list[str] | None = None
     heldout_source: str = "split"         # how held-out was chosen; "index:<file>" for a fixed index file
+    val: Split | None = None
 
     def __post_init__(self) -> None:
         if self.class_names is None:
@@ -86,7 +87,8 @@ class DataBundle:
 
     def eval_splits(self) -> dict[str, Split]:
         """Every split that gets an accuracy column, in report order."""
-        return {"heldout": self.heldout, "test": self.test, **self.ood}
+        return {"heldout": self.heldout, **({"val": self.val} if self.val is not None else {}), "test": self.test,
+                **self.ood}
 
 
 def to_uint8_rgb(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -15,10 +15,13 @@ DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
 
 
 def load(root: str, image_size: int, id_domains: list[str], ood_domains: list[str],
-         fractions: dict[str, float], split_seed: int, cache_dir: str | None, leave_out: str | None = None
-         ) -> DataBundle:
+         fractions: dict[str, float], split_seed: int, cache_dir: str | None, leave_out: str | None = None,
+         num_ood: int | None = None) -> DataBundle:
     """`leave_out` (leave-one-domain-out protocol): that domain is the OOD set, the other three are ID; it
-    replaces id_domains / ood_domains."""
+    replaces id_domains / ood_domains. `fractions` splits every ID domain class by class into train, heldout
+    and test, optionally `val` (an ID split no ingredient and no soup sees, evaluated as its own column) and
+    `unused` (left out: a small study at a fraction of the cost). `num_ood`: a seeded sample of at most that
+    many images per OOD domain (null: all)."""
     if leave_out is not None:
         if leave_out not in DOMAINS:
             raise ConfigError(f"dataset.leave_out={leave_out!r}: expected one of {DOMAINS}")
@@ -26,21 +29,26 @@ def load(root: str, image_size: int, id_domains: list[str], ood_domains: list[st
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(f"dataset.root: PACS folder not found: {root_path} (set dataset.root=/path/to/pacs)")
-    if set(fractions) != {"train", "heldout", "test"} or abs(sum(fractions.values()) - 1) > 1e-6:
-        raise ConfigError(f"dataset.fractions must give train, heldout and test summing to 1, got {fractions}")
+    required, optional = {"train", "heldout", "test"}, {"val", "unused"}
+    if not required <= set(fractions) <= required | optional or abs(sum(fractions.values()) - 1) > 1e-6:
+        raise ConfigError("dataset.fractions must give train, heldout and test (and optionally val and unused) "
+                          f"summing to 1, got {fractions}")
     if not id_domains:
         raise ConfigError("dataset.id_domains is empty")
     if overlap := set(id_domains) & set(ood_domains):
         raise ConfigError(f"dataset: domains {sorted(overlap)} are both ID and OOD")
     classes: list[str] | None = None
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"train": [], "heldout": [], "test": []}
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in fractions if n != "unused"}
     for i, domain in enumerate(id_domains):
         classes, images, labels = load_image_folder(root_path / domain, image_size, cache_dir, classes)
         for name, idx in stratified_split(labels, fractions, split_seed + i).items():
-            parts[name].append((images[idx], labels[idx]))
+            if name != "unused":
+                parts[name].append((images[idx], labels[idx]))
     splits = {n: Split(n, torch.cat([p[0] for p in v]), torch.cat([p[1] for p in v])) for n, v in parts.items()}
     ood = {}
     for domain in ood_domains:
         _, images, labels = load_image_folder(root_path / domain, image_size, cache_dir, classes)
         ood[domain] = Split(domain, images, labels)
-    return DataBundle(classes, splits["train"], splits["heldout"], splits["test"], ood)
+        if num_ood is not None:
+            ood[domain] = ood[domain].sample(num_ood, split_seed)
+    return DataBundle(classes, splits["train"], splits["heldout"], splits["test"], ood, val=splits.get("val"))
