@@ -234,7 +234,7 @@ def bench_greedy(args, model, ings, pts, heldout, loader) -> dict:
     t_individual = time.perf_counter() - t0
     ctx = SoupContext(ingredients=ings, base={}, heldout=heldout, model=model, device=dev,
                       work_dir=args.workdir / "work", heldout_accuracy=heldout_acc,
-                      ingredient_logits=lambda g, s: None)
+                      ingredient_scores=lambda g, s: None)
     result, t_greedy = timed(lambda: greedy.build(ctx), dev)
     out = {"soupbench_s": t_individual + t_greedy, "individual_passes_s": t_individual, "tries_s": t_greedy,
            "passes": passes, "members": len(result.members), "peak_gpu_gib": gpu_peak_gib(dev)}
@@ -323,7 +323,7 @@ def bench_mehl_protocol(args, model, ings, heldout) -> dict:
 
     shutil.rmtree(work, ignore_errors=True)
     ctx = SoupContext(ingredients=ings, base={}, heldout=heldout, model=model, device=dev, work_dir=work,
-                      heldout_accuracy=lambda s: 0.0, ingredient_logits=lambda g, s: None)
+                      heldout_accuracy=lambda s: 0.0, ingredient_scores=lambda g, s: None)
     _, t = timed(lambda: learned.build(ctx, "affine", "layer", args.block, epochs=args.mehl_epochs,
                                        batch_size=args.batch), dev)
     blocks = math.ceil(args.k / args.block)

@@ -121,6 +121,7 @@ SCHEMA: tuple[Rule, ...] = (
     # soup/ (one file per method: `*` is the method)
     Rule("soup.*._partial_", bool),
     Rule("soup.*.accept", str, (">=", ">")),
+    Rule("soup.*.combine", str, ("logits", "probs")),
     Rule("soup.*.greedy", bool),
     Rule("soup.*.parameterisation", str, ("simplex", "affine")),
     Rule("soup.*.granularity", str, ("model", "layer")),

@@ -1,9 +1,17 @@
-"""Evaluation: logits of any state dict on any split, cached on disk by (data, weights) fingerprint, so the
-ensemble, best-individual choice and repeated reports cost no extra forward passes."""
+"""Evaluation: the scores of any state dict on any split, stored on disk per (data, weights, split) as fp16 and
+only the columns the split is scored by, so the ensemble, best-individual choice and repeated reports cost no
+extra forward passes and a 72-ingredient ImageNet run keeps a bounded footprint.
+
+Scores: the logits a split's labels read (`reduce_logits`): all of them for ImageNet, the 200 of ImageNet-R/-A,
+ObjectNet's 113 classes as the max over each class's mapped logits (the official model-soups `project_logits`).
+Every score is rounded to fp16 before it is used, stored or not, so a candidate scored on the fly and the same
+weights scored from the store agree; fp16 can only create ties between top scores, never reorder them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -14,25 +22,70 @@ from tqdm.auto import tqdm
 
 from soupbench.data import DataBundle, Split
 from soupbench.errors import ConfigError
-from soupbench.io import fingerprint, load_weights, save_weights, to_device
-from soupbench.runtime import autocast
+from soupbench.io import fingerprint, to_device
+from soupbench.rowfile import MappedRows, in_memory, write_rows
+from soupbench.runtime import autocast, release_host_memory
+
+FP16_MAX = 65504.0
+FLUSH_ROWS = 4096           # scores gathered on the device before one copy to the host (no sync per batch)
+
+
+def host_batches(images: torch.Tensor | MappedRows, batch_size: int, pin: bool = False) -> Iterator[torch.Tensor]:
+    """`images` batch by batch; from a mapped file the next batch is read in a thread while the caller runs
+    this one, and only one or two batches are ever in host memory."""
+    starts = range(0, len(images), batch_size)
+    if not isinstance(images, MappedRows):
+        yield from (images[i:i + batch_size] for i in starts)
+        return
+
+    def read(i: int) -> torch.Tensor:
+        x = images[i:i + batch_size]
+        return x.pin_memory() if pin else x
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, 0) if len(images) else None
+        for i in starts:
+            x = pending.result()
+            if i + batch_size < len(images):
+                pending = pool.submit(read, i + batch_size)
+            yield x
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+def predict_chunks(model: nn.Module, images: torch.Tensor | MappedRows, batch_size: int, device: torch.device,
+                   state: Mapping[str, torch.Tensor] | None = None, desc: str | None = None,
+                   progress: bool = False, precision: str = "auto", rows: int = FLUSH_ROWS,
+                   columns: list[list[int]] | None = None, fp16: bool = False) -> Iterator[torch.Tensor]:
+    """The model's fp32 logits (reduced to the split's scores when `columns`, the split's class groups, is set;
+    rounded to fp16 on the device when `fp16`) as CPU blocks of about `rows` rows: the outputs stay on the
+    device until a block is full, so there is one device-to-host copy per block, not one synchronisation per
+    batch, and host memory holds one block."""
+    model.eval()
+    out: list[torch.Tensor] = []
+    pending = 0
+    batches = host_batches(images, batch_size, pin=device.type == "cuda")
+    total = -(-len(images) // batch_size)
+    for x in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+        x = x.to(device, non_blocking=True)
+        with autocast(device, precision):
+            y = model(x) if state is None else functional_call(model, dict(state), (x,), strict=False)
+        y = reduce_logits(y.float(), columns)
+        out.append(to_fp16(y) if fp16 else y)
+        pending += len(x)
+        if pending >= rows:
+            yield torch.cat(out).cpu()
+            out, pending = [], 0
+    if out:
+        yield torch.cat(out).cpu()
+
+
+def predict(model: nn.Module, images: torch.Tensor | MappedRows, batch_size: int, device: torch.device,
             state: Mapping[str, torch.Tensor] | None = None, desc: str | None = None,
             progress: bool = False, precision: str = "auto") -> torch.Tensor:
     """Logits (N, C) float32 on the CPU. `state` runs the model with other weights without copying them in;
     `precision` (auto | bf16 | fp32) sets the backbone's autocast, the head and logits are always fp32."""
-    model.eval()
-    out = []
-    batches = range(0, len(images), batch_size)
-    for i in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        x = images[i:i + batch_size].to(device, non_blocking=True)
-        with autocast(device, precision):
-            y = model(x) if state is None else functional_call(model, dict(state), (x,), strict=False)
-        out.append(y.float())                    # stays on the device: one copy back, not one sync per batch
-    return torch.cat(out).cpu() if out else torch.empty(0)
+    blocks = list(predict_chunks(model, images, batch_size, device, state, desc, progress, precision))
+    return torch.cat(blocks) if blocks else torch.empty(0)
 
 
 def reduce_logits(logits: torch.Tensor, class_groups: list[list[int]] | None) -> torch.Tensor:
@@ -45,9 +98,28 @@ def reduce_logits(logits: torch.Tensor, class_groups: list[list[int]] | None) ->
     return torch.stack([logits[:, g].max(dim=1).values for g in class_groups], dim=1)
 
 
-def correct(logits: torch.Tensor, split: Split) -> torch.Tensor:
-    """Per-image top-1 correctness (bool, one per image): what paired bootstrap intervals resample."""
-    return reduce_logits(logits, split.class_groups).argmax(dim=1) == split.labels
+def to_fp16(scores: torch.Tensor) -> torch.Tensor:
+    """Scores as stored: fp16, saturated at fp16's largest finite value (a logit beyond it would become Inf
+    and tie with every other Inf)."""
+    return scores.clamp(-FP16_MAX, FP16_MAX).half()
+
+
+def split_scores(logits: torch.Tensor, split: Split) -> torch.Tensor:
+    """The scores `split` is scored by, from a model's full logits."""
+    return reduce_logits(logits, split.class_groups)
+
+
+def correct(scores: torch.Tensor, split: Split) -> torch.Tensor:
+    """Per-image top-1 correctness (bool, one per image) of the split's scores (`split_scores`; for a split
+    without class groups these are the logits themselves): what paired bootstrap intervals resample."""
+    _check_columns(scores.shape[1], split)
+    return scores.argmax(dim=1) == split.labels
+
+
+def _check_columns(columns: int, split: Split) -> None:
+    if split.class_groups is not None and columns != len(split.class_groups):
+        raise ValueError(f"split {split.name}: scores have {columns} columns, the split scores "
+                         f"{len(split.class_groups)} (reduce model logits with split_scores first)")
 
 
 def percent(hits: torch.Tensor) -> float:
@@ -55,27 +127,65 @@ def percent(hits: torch.Tensor) -> float:
     return 100.0 * hits.float().mean().item()
 
 
-def accuracy(logits: torch.Tensor, split: Split) -> float:
-    """Top-1 accuracy in percent."""
-    return percent(correct(logits, split))
+def accuracy(scores: torch.Tensor, split: Split) -> float:
+    """Top-1 accuracy in percent of the split's scores."""
+    return percent(correct(scores, split))
 
 
-def ensemble_logits(member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Output ensemble: log of the mean of the members' softmax probabilities, from a running sum (one member's
-    probabilities in memory at a time, not K stacked)."""
+ENSEMBLE_COMBINE = ("logits", "probs")
+
+
+def ensemble_scores(member_scores: Iterable[torch.Tensor], combine: str = "logits") -> torch.Tensor:
+    """Output ensemble of the members' scores on a split, from a running sum (one member in memory at a time).
+    `logits`: the mean of the members' scores, as the official model-soups code ensembles (its cached logits,
+    projected to the split's classes, averaged); `probs`: the log of the mean of their softmax over the split's
+    scores (the usual probability ensemble; on ImageNet-R/-A/ObjectNet over the split's own classes)."""
+    if combine not in ENSEMBLE_COMBINE:
+        raise ConfigError(f"ensemble combine={combine!r}: expected one of {ENSEMBLE_COMBINE}")
     total, n = None, 0
-    for x in member_logits:
-        p = F.softmax(x.float(), dim=1)
-        total = p if total is None else total.add_(p)
+    for x in member_scores:
+        x = x.float()
+        x = F.softmax(x, dim=1) if combine == "probs" else x
+        total = x.clone() if total is None else total.add_(x)
         n += 1
     if total is None:
-        raise ValueError("ensemble_logits: no members")
-    return total.div_(n).clamp_min(1e-12).log()
+        raise ValueError("ensemble_scores: no members")
+    total.div_(n)
+    return total.clamp_min(1e-12).log() if combine == "probs" else total
 
+
+
+def correct_by_rows(scores: torch.Tensor | MappedRows, split: Split, rows: int = FLUSH_ROWS) -> torch.Tensor:
+    """`correct` of stored scores read `rows` at a time: host memory holds one block, not the split's scores."""
+    if not isinstance(scores, MappedRows):
+        return correct(scores, split)
+    _check_columns(scores.shape[1], split)
+    out = torch.zeros(len(split), dtype=torch.bool)
+    for i in range(0, len(split), rows):
+        out[i:i + rows] = scores[i:i + rows].argmax(dim=1) == split.labels[i:i + rows]
+    return out
+
+
+def ensemble_correct(members: list[torch.Tensor | MappedRows], split: Split, combine: str = "logits",
+                     rows: int = FLUSH_ROWS) -> torch.Tensor:
+    """Per-image correctness of the members' output ensemble (`ensemble_scores`), a block of `rows` images at
+    a time: each block is a running sum over the members' stored scores, so memory holds one block of one
+    member plus the sum, however many members and images."""
+    if not members:
+        raise ValueError("ensemble_correct: no members")
+    for m in members:
+        _check_columns(m.shape[1], split)
+    out = torch.zeros(len(split), dtype=torch.bool)
+    for i in range(0, len(split), rows):
+        block = ensemble_scores((m[i:i + rows] for m in members), combine)
+        out[i:i + rows] = block.argmax(dim=1) == split.labels[i:i + rows]
+    return out
 
 class Evaluator:
-    """Logits and accuracies of state dicts on the bundle's splits, with a memory and disk cache keyed by
-    the weights' fingerprint and the data's settings hash."""
+    """Scores and accuracies of state dicts on the bundle's splits, stored on disk per (data settings, weights'
+    fingerprint, split): `<cache_dir>/<data_key>/<fingerprint>/<split>.safetensors`, one fp16 (N, columns) file
+    written once, by blocks, and never rewritten. Nothing is kept in memory between calls: a 72-ingredient
+    evaluation holds one ingredient's scores of one split at a time."""
 
     def __init__(self, model: nn.Module, data: DataBundle, cache_dir: str | Path | None, data_key: str,
                  batch_size: int, device: torch.device, progress: bool = False,
@@ -93,50 +203,63 @@ class Evaluator:
         resident = {"none": set(), "heldout": {"heldout"}, "all": set(self.splits)}[images_on_device]
         self.resident = resident if device.type == "cuda" else set()
         self._device_images: dict[str, torch.Tensor] = {}
-        self._mem: dict[tuple[str, str], torch.Tensor] = {}
 
-    def images(self, split: str) -> torch.Tensor:
+    def images(self, split: str) -> torch.Tensor | MappedRows:
         """The split's uint8 images, kept on the GPU after first use for the resident splits (greedy's many
-        held-out passes then copy nothing from the host); on the host otherwise."""
+        held-out passes then copy nothing from the host); on the host (in memory or mapped) otherwise."""
         if split not in self.resident:
             return self.splits[split].images
         if split not in self._device_images:
             self._device_images[split] = self.splits[split].images.to(self.device)
         return self._device_images[split]
 
-    def _cache_file(self, fp: str) -> Path | None:
-        return self.cache_dir / f"{fp}.safetensors" if self.cache_dir else None
+    def score_file(self, fp: str, split: str) -> Path | None:
+        """Where the scores of weights `fp` on `split` are stored (None: no store)."""
+        return self.cache_dir / fp / f"{split}.safetensors" if self.cache_dir else None
 
-    def logits(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
-               cache: bool = True) -> torch.Tensor:
-        """Logits of `state` on `split`; with cache=False nothing is stored (greedy's one-off candidates)."""
-        if not cache:  # one-off candidates (greedy): the caller's own progress bar speaks for them
-            return self._predict(state, split, progress=False)
+    def score_rows(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None
+                   ) -> torch.Tensor | MappedRows:
+        """The stored scores of `state` on `split`, computed and written by blocks on first use, returned mapped
+        (read by blocks: `correct_by_rows`, `ensemble_correct`); in memory when the evaluator has no store."""
         fp = fp or fingerprint(state)
-        if (fp, split) in self._mem:
-            return self._mem[(fp, split)]
-        path = self._cache_file(fp)
-        stored = load_weights(path, check_finite=False) if path and path.is_file() else {}
-        if split not in stored:
-            stored[split] = self._predict(state, split)
-            if path:
-                save_weights(path, stored)
-        for k, v in stored.items():
-            self._mem[(fp, k)] = v
-        return stored[split]
+        if (stored := self.cached_score_rows(fp, split)) is not None:
+            return stored
+        path = self.score_file(fp, split)
+        if path is None:
+            return torch.cat(list(self._predict(state, split)))
+        sp = self.splits[split]
+        columns = len(sp.class_groups) if sp.class_groups is not None else self.data.num_classes
+        write_rows(path, "scores", (len(sp), columns), torch.float16,
+                   self._predict(state, split),
+                   {"split": split, "fingerprint": fp, "columns": "class_groups" if sp.class_groups else "all"})
+        release_host_memory()
+        return MappedRows(path, "scores")
 
-    def cached_logits(self, fp: str, split: str) -> torch.Tensor | None:
-        """Logits already computed for weights with fingerprint `fp`, or None."""
-        if (fp, split) not in self._mem and (path := self._cache_file(fp)) and path.is_file():
-            for k, v in load_weights(path, check_finite=False).items():
-                self._mem[(fp, k)] = v
-        return self._mem.get((fp, split))
+    def scores(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
+               cache: bool = True) -> torch.Tensor:
+        """fp16 scores of `state` on `split`, in memory; with cache=False nothing is stored (greedy's one-off
+        candidates)."""
+        if not cache:  # one-off candidates (greedy): the caller's own progress bar speaks for them
+            return torch.cat(list(self._predict(state, split, progress=False)))
+        return in_memory(self.score_rows(state, split, fp))
+
+    def cached_score_rows(self, fp: str, split: str) -> MappedRows | None:
+        """Scores already stored for weights with fingerprint `fp`, mapped, or None."""
+        path = self.score_file(fp, split)
+        return MappedRows(path, "scores") if path is not None and path.is_file() else None
+
+    def cached_scores(self, fp: str, split: str) -> torch.Tensor | None:
+        """Scores already stored for weights with fingerprint `fp`, in memory, or None."""
+        rows = self.cached_score_rows(fp, split)
+        return None if rows is None else rows.load()
 
     def accuracy(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
                  cache: bool = True) -> float:
-        return accuracy(self.logits(state, split, fp, cache), self.splits[split])
+        return accuracy(self.scores(state, split, fp, cache), self.splits[split])
 
-    def _predict(self, state: Mapping[str, torch.Tensor], split: str, progress: bool | None = None) -> torch.Tensor:
+    def _predict(self, state: Mapping[str, torch.Tensor], split: str, progress: bool | None = None
+                 ) -> Iterator[torch.Tensor]:
         state = to_device(state, self.device)        # pinned, one synchronisation for the whole state
-        return predict(self.model, self.images(split), self.batch_size, self.device, state, desc=f"eval {split}",
-                       progress=self.progress if progress is None else progress, precision=self.precision)
+        return predict_chunks(self.model, self.images(split), self.batch_size, self.device, state,
+                              desc=f"eval {split}", progress=self.progress if progress is None else progress,
+                              precision=self.precision, columns=self.splits[split].class_groups, fp16=True)

@@ -22,7 +22,7 @@ from soupbench.data import DataBundle
 from soupbench.data.streaming import decoded
 from soupbench.distributed import barrier
 from soupbench.errors import ConfigError, SoupbenchError
-from soupbench.evaluate import Evaluator, accuracy, correct, ensemble_logits, percent
+from soupbench.evaluate import Evaluator, accuracy, correct_by_rows, ensemble_correct, percent
 from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict, save_ingredient
 from soupbench.io import (
@@ -35,6 +35,7 @@ from soupbench.io import (
     save_weights,
     write_json,
 )
+from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device
 from soupbench.soups.context import SoupContext, SoupResult
@@ -115,7 +116,7 @@ class Run:
         data settings, else recomputed from the logit cache (a capped quick check and a full run can share a
         run directory without ranking by the old subset)."""
         if g.meta.get("heldout_data_key") != self.data_key:
-            acc = accuracy(self.ingredient_logits(g, "heldout"), self.data.heldout)
+            acc = accuracy(self.ingredient_scores(g, "heldout"), self.data.heldout)
             g.meta = {**g.meta, "heldout_acc": acc, "heldout_data_key": self.data_key}
         return g.heldout_acc
 
@@ -253,9 +254,14 @@ class Run:
         return chosen
 
     # ------------------------------------------------------------------------------------------ soups
-    def ingredient_logits(self, g: Ingredient, split: str) -> torch.Tensor:
-        cached = self.evaluator.cached_logits(g.fingerprint, split)
-        return cached if cached is not None else self.evaluator.logits(g.load(), split, g.fingerprint)
+    def ingredient_scores(self, g: Ingredient, split: str) -> torch.Tensor:
+        """The ingredient's stored scores on `split` in memory, computed (and stored) on first use."""
+        return in_memory(self.ingredient_score_rows(g, split))
+
+    def ingredient_score_rows(self, g: Ingredient, split: str) -> torch.Tensor | MappedRows:
+        """The same, mapped (read by blocks): the weights are loaded only when the scores are not stored."""
+        cached = self.evaluator.cached_score_rows(g.fingerprint, split)
+        return cached if cached is not None else self.evaluator.score_rows(g.load(), split, g.fingerprint)
 
     def soup_stage(self, ingredients: list[Ingredient]) -> None:
         bn = container(self.cfg.bn_recalibration)
@@ -276,7 +282,7 @@ class Run:
                 ingredients=ingredients, base=self.base, heldout=self.data.heldout,
                 model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
-                ingredient_logits=self.ingredient_logits, progress=self.progress, data_key=self.data_key,
+                ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
                 precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
                 earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used))
             if self.device.type == "cuda":
@@ -320,7 +326,7 @@ class Run:
         ing_results = {}
         hits: dict[str, dict[str, torch.Tensor]] = {}      # per-image correctness: "<kind>/<name>" -> split -> bool
         for g in ingredients:
-            hits[f"ingredient/{g.id}"] = g_hits = {s: correct(self.ingredient_logits(g, s), split)
+            hits[f"ingredient/{g.id}"] = g_hits = {s: correct_by_rows(self.ingredient_score_rows(g, s), split)
                                                    for s, split in splits.items()}
             accs = {s: percent(h) for s, h in g_hits.items()}
             ing_results[g.id] = {**accs, "ood_avg": ood_average(accs, self.data), "hyperparameters":
@@ -335,15 +341,17 @@ class Run:
             if meta["kind"] == "weights":
                 state = None
                 for s, split in splits.items():
-                    logits = self.evaluator.cached_logits(meta["fingerprint"], s)
-                    if logits is None:
+                    scores = self.evaluator.cached_score_rows(meta["fingerprint"], s)
+                    if scores is None:
                         state = state or load_weights(self.layout.soup_weights(name))
-                        logits = self.evaluator.logits(state, s, meta["fingerprint"])
-                    method_hits[s] = correct(logits, split)
+                        scores = self.evaluator.score_rows(state, s, meta["fingerprint"])
+                    method_hits[s] = correct_by_rows(scores, split)
             else:
                 members = [by_id[m] for m in meta["members"]]
+                combine = meta["info"].get("combine", "probs")      # records from before `combine`: probabilities
                 for s, split in splits.items():
-                    method_hits[s] = correct(ensemble_logits(self.ingredient_logits(g, s) for g in members), split)
+                    method_hits[s] = ensemble_correct([self.ingredient_score_rows(g, s) for g in members], split,
+                                                      combine)
             accs = {s: percent(h) for s, h in method_hits.items()}
             methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
                              "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],

@@ -4,6 +4,8 @@ learned soups), so each stage runs a forward pass the same way."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
 import math
 import sys
@@ -121,3 +123,22 @@ def progress_bar(iterable: Iterable | None, desc: str, enabled: bool, total: int
     if enabled and not sys.stderr.isatty():
         return LogProgress(iterable, desc, total, initial)
     return tqdm(iterable, desc=desc, total=total, initial=initial, disable=not enabled, leave=False)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:                   # not glibc (macOS, musl): nothing to release
+        return None
+
+
+def release_host_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc `malloc_trim`). After glibc frees its first
+    large block it raises its mmap threshold, and later large blocks (a batch of logits) come from the heap;
+    small objects kept between them (per-image results) then pin freed heap pages, and a 72-ingredient
+    evaluation grew by ~3 MB per ingredient and split. Called after each stored score file, it keeps the
+    evaluate stage's resident memory flat; a no-op where the C library is not glibc."""
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)

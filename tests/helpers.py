@@ -68,7 +68,7 @@ def soup_context(model, ingredients, heldout, tmp_path):
         ingredients=ingredients, base=model.state_dict(), heldout=heldout, model=model,
         device=CPU, work_dir=tmp_path / "work",
         heldout_accuracy=lambda s: accuracy(predict(model, heldout.images, 32, CPU, s), heldout),
-        ingredient_logits=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()))
+        ingredient_scores=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()))
 
 
 def copy_of_run(tiny_run, tmp_path: Path) -> Path:

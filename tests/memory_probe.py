@@ -53,7 +53,7 @@ def main(directory: str, k: int, b: int, mode: str) -> None:
     if mode == "soup":
         ctx = SoupContext(ingredients=ings, base=base, heldout=heldout, model=m,
                           device=torch.device("cpu"), work_dir=d / f"work-{k}-{b}", heldout_accuracy=lambda s: 0.0,
-                          ingredient_logits=lambda g, s: None)
+                          ingredient_scores=lambda g, s: None)
         learned.build(ctx, "affine", "layer", b, epochs=1, batch_size=32)
     print(json.dumps({"peak_mb": peak_rss_mb(),
                       "ingredient_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2**20,

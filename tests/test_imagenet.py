@@ -9,7 +9,7 @@ import torch
 
 from soupbench.data.imagenet import COUNTS, imagenet_splits, in_heldout, load, ood_files
 from soupbench.errors import DataError
-from soupbench.evaluate import accuracy
+from soupbench.evaluate import accuracy, split_scores
 from tests.helpers import make_tree, objectnet_truth
 
 
@@ -70,10 +70,10 @@ def test_imagenet_r_and_a_use_their_200_logits(bundle):
         assert split.class_groups[0] == [first_wnid_logit]
         # a model that puts its mass on the right ImageNet logit is right on every image ...
         right = one_hot_logits(torch.tensor([g[0] for g in split.class_groups])[split.labels])
-        assert accuracy(right, split) == 100.0
+        assert accuracy(split_scores(right, split), split) == 100.0
         # ... and one that prefers a logit outside the 200 is scored on the 200 only
         right[:, 0] = 5.0 if 0 not in {g[0] for g in split.class_groups} else 0.0
-        assert accuracy(right, split) == 100.0
+        assert accuracy(split_scores(right, split), split) == 100.0
 
 
 def test_objectnet_maps_113_classes_with_max_over_logits_and_crops_the_border(bundle):
@@ -83,7 +83,7 @@ def test_objectnet_maps_113_classes_with_max_over_logits_and_crops_the_border(bu
     assert split.class_groups == [truth[f] for f in sorted(truth)]
     assert any(len(g) == 2 for g in split.class_groups)
     second = torch.tensor([g[-1] for g in split.class_groups])[split.labels]
-    assert accuracy(one_hot_logits(second), split) == 100.0            # any mapped logit counts (max over group)
+    assert accuracy(split_scores(one_hot_logits(second), split), split) == 100.0  # any mapped logit counts (max)
     # the red 2-pixel border is gone: the pixels are the flat fill value
     assert (split.images[:, 0] == split.images[:, 1]).all()
 

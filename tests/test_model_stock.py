@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 
 def ctx_for(base, ingredients, tmp_path):
     return SoupContext(ingredients=ingredients, base=base, heldout=None, model=None, device=CPU,
-                       work_dir=tmp_path / "work", heldout_accuracy=None, ingredient_logits=None)
+                       work_dir=tmp_path / "work", heldout_accuracy=None, ingredient_scores=None)
 
 
 def store(tmp_path, base: dict, task_vectors: list[list[float]]):

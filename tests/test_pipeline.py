@@ -144,7 +144,7 @@ def test_heldout_accuracies_follow_the_data_settings(tiny_run, tmp_path):
     chosen = run_.selected_ingredients()
     assert len(run_.data.heldout) == 40
     for g in chosen:
-        direct = accuracy(run_.evaluator.logits(g.load(), "heldout", g.fingerprint), run_.data.heldout)
+        direct = accuracy(run_.evaluator.scores(g.load(), "heldout", g.fingerprint), run_.data.heldout)
         assert g.heldout_acc == pytest.approx(direct)
         assert g.meta["heldout_data_key"] == run_.data_key
     metas = [read_json(p) for p in (tmp_path / "tiny" / "ingredients").glob("*.json")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from soupbench.evaluate import accuracy, ensemble_logits, predict
+from soupbench.evaluate import accuracy, ensemble_scores, predict
 from soupbench.ingredients import save_ingredient, sort_by_heldout
 from soupbench.io import fingerprint
 from soupbench.soups import best_individual, ensemble, greedy, uniform
@@ -87,7 +87,9 @@ def test_best_individual_and_ensemble(tmp_path):
     assert ens.state is None and sorted(ens.members) == sorted(g.id for g in ings)
     logits = [predict(model, heldout.images, 32, CPU, g.load()) for g in ings]
     probs = torch.stack([x.softmax(1) for x in logits]).mean(0)
-    torch.testing.assert_close(ensemble_logits(logits).exp(), probs)
+    torch.testing.assert_close(ensemble_scores(logits, "probs").exp(), probs)
+    torch.testing.assert_close(ensemble_scores(logits, "logits"), torch.stack(logits).mean(0))
+    assert ens.info["combine"] == "logits"
     greedy_ens = ensemble.build(ctx, greedy=True)
     assert greedy_ens.info["heldout_acc"] >= accuracy(logits[[g.id for g in ings].index(best.members[0])], heldout)
 
@@ -99,17 +101,17 @@ def test_greedy_ensemble_accept_rule_and_running_sum(tmp_path):
     heldout = random_split(n=48)
     _, ings = make_store(tmp_path, 5, scale=0.3)
     ctx = soup_context(model, ings, heldout, tmp_path)
-    for accept in (">=", ">"):
-        res = ensemble.build(ctx, greedy=True, accept=accept)
+    for accept, combine in ((">=", "logits"), (">", "logits"), (">=", "probs")):
+        res = ensemble.build(ctx, greedy=True, accept=accept, combine=combine)
         order = sort_by_heldout(ings)
-        logits = {g.id: ctx.ingredient_logits(g, "heldout") for g in order}
+        logits = {g.id: ctx.ingredient_scores(g, "heldout") for g in order}
         kept, best = [order[0].id], accuracy(logits[order[0].id], heldout)
         for step in res.info["path"][1:]:
-            acc = accuracy(ensemble_logits([logits[i] for i in [*kept, step["id"]]]), heldout)
+            acc = accuracy(ensemble_scores([logits[i] for i in [*kept, step["id"]]], combine), heldout)
             assert step["ensemble_heldout_acc"] == pytest.approx(acc)
             if (acc >= best) if accept == ">=" else (acc > best):
                 kept, best = [*kept, step["id"]], acc
-        assert res.members == kept and res.info["accept"] == accept
+        assert res.members == kept and res.info["accept"] == accept and res.info["combine"] == combine
     # a duplicate of the best ingredient ties exactly: kept with >=, refused with >
     twin = save_ingredient(tmp_path, "twin", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.0})
     first = save_ingredient(tmp_path, "first", ings[-1].load(), {**ings[-1].meta, "heldout_acc": 99.5})

@@ -21,7 +21,7 @@ def context(model, base, ingredients, heldout, tmp_path, earlier=None):
     kw = {"earlier_soup": earlier} if earlier else {}
     return SoupContext(ingredients=ingredients, base=base, heldout=heldout, model=model, device=CPU,
                        work_dir=tmp_path / "work", heldout_accuracy=acc,
-                       ingredient_logits=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()), **kw)
+                       ingredient_scores=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()), **kw)
 
 
 def test_interpolates_the_start_and_the_best_ingredient_by_hand(tmp_path):

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from soupbench.rowfile import MappedRows
+
 
 @dataclass
 class Split:
@@ -20,12 +22,13 @@ class Split:
 
     `class_groups`, when set, maps each label k of this split to the model logits that stand for it
     (ImageNet-R/A: one logit each out of 1000; ObjectNet: several, scored by their max).
+    `images` may be a `MappedRows` (a decoded cache on disk, read by batch) instead of an in-memory tensor.
     `files`: a split too large for memory (ImageNet train) holds its image files instead of `images` (None);
     fine-tuning and the linear probe stream them (soupbench.data.streaming).
     """
 
     name: str
-    images: torch.Tensor | None
+    images: torch.Tensor | MappedRows | None
     labels: torch.Tensor
     class_groups: list[list[int]] | None = None
     files: list[Path] | None = None
@@ -48,10 +51,11 @@ class Split:
         return self if n is None or n >= len(self) else self.select(torch.arange(n))
 
     def select(self, idx: torch.Tensor) -> Split:
-        """The images at `idx` (files stay files)."""
+        """The images at `idx` (files stay files, mapped images a lazy view of the mapped file)."""
         if self.images is None:
             return Split(self.name, None, self.labels[idx], self.class_groups, [self.files[i] for i in idx.tolist()])
-        return Split(self.name, self.images[idx], self.labels[idx], self.class_groups)
+        images = self.images.select(idx) if isinstance(self.images, MappedRows) else self.images[idx]
+        return Split(self.name, images, self.labels[idx], self.class_groups)
 
     def sample(self, n: int, seed: int) -> Split:
         """`n` images drawn at random (seeded, without replacement, kept in split order). Splits are stored

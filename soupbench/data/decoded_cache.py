@@ -5,6 +5,7 @@ decode JPEGs again."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from PIL import Image
 
 from soupbench.errors import DataError
-from soupbench.io import hash_settings, load_weights, save_weights
+from soupbench.io import hash_settings
+from soupbench.rowfile import MappedRows, write_rows
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -55,26 +57,37 @@ def _decode(path: Path, size: int, border: int = 0) -> np.ndarray:
 
 
 def decode_cached(paths: list[Path], root: Path, size: int, cache_dir: str | os.PathLike | None,
-                  border: int = 0, workers: int = 4) -> torch.Tensor:
+                  border: int = 0, workers: int = 4, chunk: int = 256) -> torch.Tensor | MappedRows:
     """uint8 (N, 3, size, size) of `paths`, decoded once and cached on disk by (files, size, border): a
-    repeated run, or a greedy soup's many passes, never decodes a JPEG again."""
+    repeated run, or a greedy soup's many passes, never decodes a JPEG again. With a cache the images are
+    decoded and written `chunk` at a time and come back memory-mapped (`MappedRows`), so neither decoding nor
+    evaluating a 50,000-image split holds it in host memory; without one they are decoded into a tensor."""
     key = hash_settings({"root": str(root), "size": size, "border": border,
                          "files": [(str(p.relative_to(root)), p.stat().st_size) for p in paths]})
     cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
-        return load_weights(cache, check_finite=False)["images"]
-    if not paths:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return MappedRows(cache, "images")
+    shape = (len(paths), 3, size, size)
     with ThreadPoolExecutor(workers) as pool:
-        images = torch.from_numpy(np.stack(list(pool.map(lambda p: _decode(p, size, border), paths))))
-    if cache is not None:
-        save_weights(cache, {"images": images}, {"root": str(root), "size": size, "count": len(paths)})
-    return images
+        def chunks() -> Iterator[torch.Tensor]:
+            for i in range(0, len(paths), chunk):
+                yield torch.from_numpy(np.stack(list(pool.map(lambda p: _decode(p, size, border),
+                                                              paths[i:i + chunk]))))
+        if cache is None:
+            images = torch.empty(shape, dtype=torch.uint8)
+            start = 0
+            for part in chunks():
+                images[start:start + len(part)] = part
+                start += len(part)
+            return images
+        write_rows(cache, "images", shape, torch.uint8, chunks(),
+                   {"root": str(root), "size": size, "count": len(paths)})
+    return MappedRows(cache, "images")
 
 
 def load_image_folder(root: str | os.PathLike, size: int, cache_dir: str | os.PathLike | None,
                       classes: list[str] | None = None, workers: int = 4
-                      ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+                      ) -> tuple[list[str], torch.Tensor | MappedRows, torch.Tensor]:
     """Decode a class-folder tree to (classes, uint8 images (N,3,size,size), labels), via the cache."""
     root = Path(root).resolve()
     found, paths, labels = list_image_folder(root)

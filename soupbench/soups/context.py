@@ -11,6 +11,7 @@ import torch
 
 from soupbench.data import Split
 from soupbench.ingredients import Ingredient
+from soupbench.rowfile import MappedRows
 
 
 def _no_earlier_soups(name: str) -> SoupResult:
@@ -30,11 +31,11 @@ class SoupContext:
     device: torch.device
     work_dir: Path                          # resumable state of this soup
     heldout_accuracy: Callable[[Mapping[str, torch.Tensor]], float]   # uncached, for one-off candidates
-    ingredient_logits: Callable[[Ingredient, str], torch.Tensor]       # cached held-out logits
+    ingredient_scores: Callable[[Ingredient, str], torch.Tensor]       # stored fp16 scores on a split
     progress: bool = False
     data_key: str = ""                     # settings hash of the data: resume state is valid for this data only
     precision: str = "auto"                # eval.precision, for the learned soups' forward passes
-    heldout_images: torch.Tensor | None = None   # the evaluator's copy (on the GPU when resident), shared
+    heldout_images: torch.Tensor | MappedRows | None = None   # the evaluator's (GPU when resident), shared
     # a soup built before this one in the same run (soup=[...] order), by name: members and weights (CPU);
     # the pipeline records which ones a soup used and rebuilds it when they change
     earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups

@@ -1,39 +1,45 @@
-"""Output ensemble: the mean of the members' softmax outputs (K forward passes at inference).
+"""Output ensemble (K forward passes at inference): the mean of the members' logits (`combine: logits`, as the
+official model-soups code ensembles, after projecting each member's logits to the split's classes) or of their
+softmax probabilities (`combine: probs`); see `soupbench.evaluate.ensemble_scores`.
 With `greedy: true`, members are chosen like the greedy soup but on the ensemble's held-out accuracy: in
 held-out order, a member is kept if the ensemble's held-out accuracy does not drop (`accept: ">="`) or rises
-(`accept: ">"`). The candidate's accuracy comes from a running sum of the kept members' probabilities, so
-each step costs one softmax, not one per member."""
+(`accept: ">"`). The candidate's accuracy comes from a running sum of the kept members' outputs, so each step
+reads one member, not all kept ones."""
 
 from __future__ import annotations
 
 import torch
 
 from soupbench.errors import ConfigError
-from soupbench.evaluate import accuracy
+from soupbench.evaluate import ENSEMBLE_COMBINE, accuracy
 from soupbench.ingredients import sort_by_heldout
 from soupbench.soups.context import SoupContext, SoupResult
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=1)
+def outputs(scores: torch.Tensor, combine: str) -> torch.Tensor:
+    """What the ensemble sums per member: the scores themselves or their softmax."""
+    return torch.softmax(scores.float(), dim=1) if combine == "probs" else scores.float()
 
 
-def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=") -> SoupResult:
+def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=", combine: str = "logits") -> SoupResult:
     if accept not in (">=", ">"):
         raise ConfigError(f"soup.greedy_ensemble.accept={accept!r}: expected '>=' or '>'")
+    if combine not in ENSEMBLE_COMBINE:
+        raise ConfigError(f"soup ensemble combine={combine!r}: expected one of {ENSEMBLE_COMBINE}")
     order = sort_by_heldout(ctx.ingredients)
     if not greedy:
-        return SoupResult([g.id for g in order], None)
+        return SoupResult([g.id for g in order], None, {"combine": combine})
     members = [order[0]]
-    total = probabilities(ctx.ingredient_logits(order[0], "heldout"))     # running sum of kept probabilities
+    total = outputs(ctx.ingredient_scores(order[0], "heldout"), combine)     # running sum of kept outputs
     best = accuracy(total, ctx.heldout)
     path = [{"id": order[0].id, "ensemble_heldout_acc": best, "kept": True}]
     for g in order[1:]:
-        cand = total + probabilities(ctx.ingredient_logits(g, "heldout"))
+        cand = total + outputs(ctx.ingredient_scores(g, "heldout"), combine)
         acc = accuracy(cand, ctx.heldout)                  # argmax of the sum = argmax of the mean
         kept = acc >= best if accept == ">=" else acc > best
         if kept:
             members.append(g)
             total, best = cand, acc
         path.append({"id": g.id, "ensemble_heldout_acc": acc, "kept": kept})
-    return SoupResult([g.id for g in members], None, {"path": path, "heldout_acc": best, "accept": accept})
+    return SoupResult([g.id for g in members], None,
+                      {"path": path, "heldout_acc": best, "accept": accept, "combine": combine})

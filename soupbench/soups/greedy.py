@@ -27,7 +27,7 @@ def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:
     dtypes = {k: v.dtype for k, v in first_state.items()}
     total = {k: v.to(torch.float64) if is_averaged(v) else v for k, v in first_state.items()}
     members = [first.id]
-    cached = ctx.ingredient_logits(first, "heldout")      # the pipeline has it already: no extra pass
+    cached = ctx.ingredient_scores(first, "heldout")      # the pipeline has it already: no extra pass
     best_acc = accuracy(cached, ctx.heldout) if cached is not None else ctx.heldout_accuracy(first_state)
     path = [{"id": first.id, "ingredient_heldout_acc": first.heldout_acc, "soup_heldout_acc": best_acc,
              "kept": True, "time_s": 0.0}]

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
 from soupbench.io import hash_settings, load_weights, reusable_meta, save_weights, to_device, write_json
+from soupbench.rowfile import in_memory
 from soupbench.runtime import autocast, lr_schedule
 from soupbench.soups.averaging import is_averaged
 from soupbench.soups.context import SoupContext, SoupResult
@@ -285,7 +286,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ctx.ingredients],
                          "data": ctx.data_key, "precision": ctx.precision})
     dev = ctx.device
-    heldout_x = ctx.heldout_images if ctx.heldout_images is not None else ctx.heldout.images
+    heldout_x = in_memory(ctx.heldout_images if ctx.heldout_images is not None else ctx.heldout.images)
     heldout_y = ctx.heldout.labels.to(heldout_x.device)
     if dev.type == "cuda" and heldout_x.device.type != "cuda":   # uint8 held-out images on the GPU for all steps
         heldout_x, heldout_y = heldout_x.to(dev), heldout_y.to(dev)

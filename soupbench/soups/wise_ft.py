@@ -42,7 +42,7 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
     if target == "best_individual":
         best = sort_by_heldout(ctx.ingredients)[0]
         members, theta = [best.id], best.load()
-        target_logits = ctx.ingredient_logits(best, "heldout")         # α = 1 costs no pass
+        target_logits = ctx.ingredient_scores(best, "heldout")         # α = 1 costs no pass
     else:
         earlier = ctx.earlier_soup(target)
         members, theta = earlier.members, earlier.state
