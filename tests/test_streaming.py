@@ -11,6 +11,7 @@ from PIL import Image
 from soupbench.data import Split
 from soupbench.data.streaming import AUGMENTS, TrainImages, decoded, epoch_loader, train_transform
 from soupbench.errors import ConfigError
+from soupbench.rowfile import MappedRows, write_rows
 from soupbench.runtime import LogProgress
 from tests.helpers import random_split
 
@@ -40,6 +41,19 @@ def test_batches_do_not_depend_on_the_number_of_workers():
 
     for a, b in zip(batches(0), batches(2), strict=True):
         assert torch.equal(a, b)
+
+
+def test_mapped_images_stream_through_worker_processes_like_a_tensor(tmp_path):
+    """A decoded cache on disk (MappedRows) goes to DataLoader workers by pickling; each opens its own map."""
+    split = random_split(n=24, size=8)
+    write_rows(tmp_path / "x.safetensors", "images", tuple(split.images.shape), torch.uint8, [split.images])
+    mapped = Split(split.name, MappedRows(tmp_path / "x.safetensors"), split.labels)
+    t = train_transform("crop_flip", 8)
+    loaded = [x for x, _ in epoch_loader(TrainImages(split, t, seed=1), 1, 0, 1, 8, 1, 0, False)]
+    streamed = [x for x, _ in epoch_loader(TrainImages(mapped, t, seed=1), 1, 0, 1, 8, 1, 2, False)]
+    for a, b in zip(loaded, streamed, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(mapped.select(torch.tensor([3, 9])).images.load(), split.images[[3, 9]])
 
 
 def test_two_ranks_see_the_one_process_batch_and_a_resume_skips_what_was_done():
