@@ -155,8 +155,11 @@ class Run:
     def planned_ingredients(self) -> list[tuple[str, dict, int]]:
         ft = self.cfg.finetune
         configs = hyperparameter_configs(ft.search, container(ft.space), ft.num_ingredients, ft.search_seed)
-        fixed = {k: container(ft[k]) for k in ("batch_size", "warmup_frac", "max_grad_norm", "freeze_bn",
-                                               "max_train_images")}
+        fixed = {k: container(ft[k]) for k in ("batch_size", "warmup_frac", "max_grad_norm", "freeze_bn")}
+        if ft.max_train_images is not None:     # a seeded random sample (was the first N: the first classes only)
+            fixed["max_train_images"] = {"sample": ft.max_train_images, "seed": self.cfg.seed}
+        else:
+            fixed["max_train_images"] = None
         return [(ingredient_id(i, hp, self.cfg.seed + i, fixed), hp, self.cfg.seed + i)
                 for i, hp in enumerate(configs)]
 
@@ -170,7 +173,8 @@ class Run:
             if not 0 <= ft.index < len(plan):
                 raise ConfigError(f"finetune.index={ft.index}: only {len(plan)} ingredients are defined")
             plan = [plan[ft.index]]
-        train = self.data.train.subset(ft.max_train_images)
+        train = self.data.train if ft.max_train_images is None else \
+            self.data.train.sample(ft.max_train_images, self.cfg.seed)
         rows = []
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"
