@@ -135,6 +135,11 @@ def accuracy(scores: torch.Tensor, split: Split) -> float:
 ENSEMBLE_COMBINE = ("logits", "probs")
 
 
+def ensemble_term(scores: torch.Tensor, combine: str) -> torch.Tensor:
+    """What one member adds to the ensemble's running sum: its scores (`logits`) or their softmax (`probs`)."""
+    return F.softmax(scores.float(), dim=1) if combine == "probs" else scores.float()
+
+
 def ensemble_scores(member_scores: Iterable[torch.Tensor], combine: str = "logits") -> torch.Tensor:
     """Output ensemble of the members' scores on a split, from a running sum (one member in memory at a time).
     `logits`: the mean of the members' scores, as the official model-soups code ensembles (its cached logits,
@@ -144,8 +149,7 @@ def ensemble_scores(member_scores: Iterable[torch.Tensor], combine: str = "logit
         raise ConfigError(f"ensemble combine={combine!r}: expected one of {ENSEMBLE_COMBINE}")
     total, n = None, 0
     for x in member_scores:
-        x = x.float()
-        x = F.softmax(x, dim=1) if combine == "probs" else x
+        x = ensemble_term(x, combine)
         total = x.clone() if total is None else total.add_(x)
         n += 1
     if total is None:

@@ -8,17 +8,10 @@ reads one member, not all kept ones."""
 
 from __future__ import annotations
 
-import torch
-
 from soupbench.errors import ConfigError
-from soupbench.evaluate import ENSEMBLE_COMBINE, accuracy
+from soupbench.evaluate import ENSEMBLE_COMBINE, accuracy, ensemble_term
 from soupbench.ingredients import sort_by_heldout
 from soupbench.soups.context import SoupContext, SoupResult
-
-
-def outputs(scores: torch.Tensor, combine: str) -> torch.Tensor:
-    """What the ensemble sums per member: the scores themselves or their softmax."""
-    return torch.softmax(scores.float(), dim=1) if combine == "probs" else scores.float()
 
 
 def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=", combine: str = "logits") -> SoupResult:
@@ -30,11 +23,11 @@ def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=", combine: s
     if not greedy:
         return SoupResult([g.id for g in order], None, {"combine": combine})
     members = [order[0]]
-    total = outputs(ctx.ingredient_scores(order[0], "heldout"), combine)     # running sum of kept outputs
+    total = ensemble_term(ctx.ingredient_scores(order[0], "heldout"), combine)     # running sum of kept outputs
     best = accuracy(total, ctx.heldout)
     path = [{"id": order[0].id, "ensemble_heldout_acc": best, "kept": True}]
     for g in order[1:]:
-        cand = total + outputs(ctx.ingredient_scores(g, "heldout"), combine)
+        cand = total + ensemble_term(ctx.ingredient_scores(g, "heldout"), combine)
         acc = accuracy(cand, ctx.heldout)                  # argmax of the sum = argmax of the mean
         kept = acc >= best if accept == ">=" else acc > best
         if kept:
