@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from soupbench import diagnostics, distributed, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.config_schema import validate
-from soupbench.data import DataBundle
+from soupbench.data import DataBundle, Split
 from soupbench.data.streaming import decoded
 from soupbench.distributed import barrier
 from soupbench.errors import ConfigError, SoupbenchError
@@ -163,6 +163,12 @@ class Run:
         return [(ingredient_id(i, hp, self.cfg.seed + i, fixed), hp, self.cfg.seed + i)
                 for i, hp in enumerate(configs)]
 
+    def train_split(self) -> Split:
+        """What every ingredient fine-tunes on: the training split, or a seeded random sample of
+        `finetune.max_train_images` of it (not the first N: splits are stored class by class)."""
+        n = self.cfg.finetune.max_train_images
+        return self.data.train if n is None else self.data.train.sample(n, self.cfg.seed)
+
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
         if ft.import_from is not None:
@@ -173,8 +179,7 @@ class Run:
             if not 0 <= ft.index < len(plan):
                 raise ConfigError(f"finetune.index={ft.index}: only {len(plan)} ingredients are defined")
             plan = [plan[ft.index]]
-        train = self.data.train if ft.max_train_images is None else \
-            self.data.train.sample(ft.max_train_images, self.cfg.seed)
+        train = self.train_split()
         rows = []
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"

@@ -150,3 +150,15 @@ def test_heldout_accuracies_follow_the_data_settings(tiny_run, tmp_path):
     metas = [read_json(p) for p in (tmp_path / "tiny" / "ingredients").glob("*.json")]
     stored = {m["id"]: m["heldout_acc"] for m in metas}
     assert any(stored[g.id] != pytest.approx(g.heldout_acc) for g in chosen)   # the old figures were stale
+
+
+def test_max_train_images_is_a_seeded_sample_of_every_class_and_changes_the_ids(tmp_path):
+    from soupbench.pipeline import Run
+
+    full = Run(compose_cfg(["experiment=tiny", "logger=none"], tmp_path))
+    capped = Run(compose_cfg(["experiment=tiny", "logger=none", "finetune.max_train_images=30"], tmp_path))
+    train = capped.train_split()
+    assert len(train) == 30 and full.train_split() is full.data.train
+    assert len(train.labels.unique()) > len(full.data.train.labels[:30].unique())    # the first 30: few classes
+    assert torch.equal(train.labels, capped.train_split().labels)                     # seeded
+    assert {g for g, _, _ in full.planned_ingredients()}.isdisjoint(g for g, _, _ in capped.planned_ingredients())
