@@ -158,7 +158,6 @@ def ensemble_scores(member_scores: Iterable[torch.Tensor], combine: str = "logit
     return total.clamp_min(1e-12).log() if combine == "probs" else total
 
 
-
 def correct_by_rows(scores: torch.Tensor | MappedRows, split: Split, rows: int = FLUSH_ROWS) -> torch.Tensor:
     """`correct` of stored scores read `rows` at a time: host memory holds one block, not the split's scores."""
     if not isinstance(scores, MappedRows):
@@ -184,6 +183,7 @@ def ensemble_correct(members: list[torch.Tensor | MappedRows], split: Split, com
         block = ensemble_scores((m[i:i + rows] for m in members), combine)
         out[i:i + rows] = block.argmax(dim=1) == split.labels[i:i + rows]
     return out
+
 
 class Evaluator:
     """Scores and accuracies of state dicts on the bundle's splits, stored on disk per (data settings, weights'
