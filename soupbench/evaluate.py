@@ -252,11 +252,6 @@ class Evaluator:
         path = self.score_file(fp, split)
         return MappedRows(path, "scores") if path is not None and path.is_file() else None
 
-    def cached_scores(self, fp: str, split: str) -> torch.Tensor | None:
-        """Scores already stored for weights with fingerprint `fp`, in memory, or None."""
-        rows = self.cached_score_rows(fp, split)
-        return None if rows is None else rows.load()
-
     def accuracy(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
                  cache: bool = True) -> float:
         return accuracy(self.scores(state, split, fp, cache), self.splits[split])
