@@ -10,7 +10,7 @@ weights scored from the store agree; fp16 can only create ties between top score
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -163,10 +163,7 @@ def correct_by_rows(scores: torch.Tensor | MappedRows, split: Split, rows: int =
     if not isinstance(scores, MappedRows):
         return correct(scores, split)
     _check_columns(scores.shape[1], split)
-    out = torch.zeros(len(split), dtype=torch.bool)
-    for i in range(0, len(split), rows):
-        out[i:i + rows] = scores[i:i + rows].argmax(dim=1) == split.labels[i:i + rows]
-    return out
+    return _correct_by_blocks(split, rows, lambda i, j: scores[i:j])
 
 
 def ensemble_correct(members: list[torch.Tensor | MappedRows], split: Split, combine: str = "logits",
@@ -178,12 +175,15 @@ def ensemble_correct(members: list[torch.Tensor | MappedRows], split: Split, com
         raise ValueError("ensemble_correct: no members")
     for m in members:
         _check_columns(m.shape[1], split)
+    return _correct_by_blocks(split, rows, lambda i, j: ensemble_scores((m[i:j] for m in members), combine))
+
+
+def _correct_by_blocks(split: Split, rows: int, block: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Per-image correctness from `block(i, j)`, the scores of images i..j-1, one block of `rows` at a time."""
     out = torch.zeros(len(split), dtype=torch.bool)
     for i in range(0, len(split), rows):
-        block = ensemble_scores((m[i:i + rows] for m in members), combine)
-        out[i:i + rows] = block.argmax(dim=1) == split.labels[i:i + rows]
+        out[i:i + rows] = block(i, i + rows).argmax(dim=1) == split.labels[i:i + rows]
     return out
-
 
 class Evaluator:
     """Scores and accuracies of state dicts on the bundle's splits, stored on disk per (data settings, weights'
