@@ -49,6 +49,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("seed", int, ">=0"),
     Rule("device", str, r"auto|cpu|cuda(:\d+)?", what="auto, cpu, cuda or cuda:N"),
     Rule("num_threads", int, ">=1", null=True),
+    Rule("memory_format", str, ("auto", "channels_last", "contiguous")),
     Rule("progress", bool),
     Rule("stages", str, ("finetune", "soup", "evaluate", "report"), form="list"),
     Rule("ingredients.select", str, ("config", "all")),

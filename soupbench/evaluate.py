@@ -24,7 +24,7 @@ from soupbench.data import DataBundle, Split
 from soupbench.errors import ConfigError
 from soupbench.io import fingerprint, to_device
 from soupbench.rowfile import MappedRows, in_memory, write_rows
-from soupbench.runtime import autocast, release_host_memory
+from soupbench.runtime import autocast, like_model, release_host_memory
 
 FP16_MAX = 65504.0
 FLUSH_ROWS = 4096           # scores gathered on the device before one copy to the host (no sync per batch)
@@ -61,6 +61,7 @@ def predict_chunks(model: nn.Module, images: torch.Tensor | MappedRows, batch_si
     device until a block is full, so there is one device-to-host copy per block, not one synchronisation per
     batch, and host memory holds one block."""
     model.eval()
+    state = None if state is None else like_model(model, state)
     out: list[torch.Tensor] = []
     pending = 0
     batches = host_batches(images, batch_size, pin=device.type == "cuda")
@@ -68,7 +69,7 @@ def predict_chunks(model: nn.Module, images: torch.Tensor | MappedRows, batch_si
     for x in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
         x = x.to(device, non_blocking=True)
         with autocast(device, precision):
-            y = model(x) if state is None else functional_call(model, dict(state), (x,), strict=False)
+            y = model(x) if state is None else functional_call(model, state, (x,), strict=False)
         y = reduce_logits(y.float(), columns)
         out.append(to_fp16(y) if fp16 else y)
         pending += len(x)

@@ -37,7 +37,7 @@ from soupbench.io import (
 )
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
-from soupbench.runtime import resolve_device
+from soupbench.runtime import resolve_device, set_memory_format
 from soupbench.soups.context import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
@@ -81,6 +81,7 @@ class Run:
         torch.manual_seed(cfg.seed)       # random-init backbones (tests, benchmarks) are the same in every process
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
                                        class_names=self.data.class_names, device=self.device)
+        self.memory_format = set_memory_format(self.model, cfg.memory_format, self.device)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, cfg.eval.cache_dir, self.data_key,
                                    cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device,

@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from soupbench.config_schema import check_device
 from soupbench.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +49,41 @@ def autocast(device: torch.device, precision: str = "auto"):
     if use_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def is_convolutional(model: torch.nn.Module) -> bool:
+    """More than one 2-D convolution: a CNN, not a ViT (whose one convolution is the patch embedding)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1
+
+
+def set_memory_format(model: torch.nn.Module, name: str, device: torch.device) -> str:
+    """Lay the model's 4-D tensors out as `name` says, in place; returns the format used. `auto`: channels_last
+    for a convolutional model on the CPU, where oneDNN's NHWC kernels ran EfficientNet-Lite0 at 32 px 3x faster
+    in inference and 1.3x in training (2 cores); contiguous elsewhere (not measured on CUDA: set channels_last
+    there to try it). Weights saved or fingerprinted are made contiguous first, so files never depend on it."""
+    if name not in MEMORY_FORMATS:
+        raise ConfigError(f"memory_format={name!r}: expected one of {list(MEMORY_FORMATS)}")
+    if name == "auto":
+        name = "channels_last" if device.type == "cpu" and is_convolutional(model) else "contiguous"
+    model.to(memory_format=torch.channels_last if name == "channels_last" else torch.contiguous_format)
+    return name
+
+
+def like_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each tensor laid out (strides) as the model's own tensor of that name, for
+    `functional_call`: a channels_last model given contiguous weights runs at the contiguous speed, and a
+    1x1 or depthwise kernel counts as channels_last only with the strides `Module.to` gives it, which
+    `Tensor.contiguous(memory_format=...)` does not set. A tensor already laid out so is passed through."""
+    own = dict(model.named_parameters())
+    own.update(model.named_buffers())
+    out = {}
+    for k, v in state.items():
+        ref = own.get(k)
+        if ref is None or ref.dim() < 4 or v.shape != ref.shape or v.stride() == ref.stride():
+            out[k] = v
+        else:
+            out[k] = torch.empty_like(ref, dtype=v.dtype, device=v.device).copy_(v)
+    return out
 
 
 def cosine_with_warmup(total_steps: int, warmup_frac: float, warmup_steps: int | None = None

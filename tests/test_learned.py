@@ -11,6 +11,7 @@ from soupbench.errors import ConfigError as ConfigErrorType
 from soupbench.evaluate import accuracy, predict
 from soupbench.ingredients import save_ingredient
 from soupbench.io import fingerprint
+from soupbench.runtime import set_memory_format
 from soupbench.soups import learned
 from soupbench.soups.learned import coefficient_gradient, coefficient_weights, combine, learnable_names
 from tests.helpers import make_store, random_split, soup_context, tiny_model
@@ -20,11 +21,13 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("parameterisation", ["simplex", "affine"])
 @pytest.mark.parametrize("granularity", ["model", "layer"])
-def test_coefficient_gradient_matches_autograd_through_all_models(parameterisation, granularity):
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_coefficient_gradient_matches_autograd_through_all_models(parameterisation, granularity, memory_format):
     torch.manual_seed(0)
     model = tiny_model().double().eval()
     names = learnable_names(model)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
+    base = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    set_memory_format(model, memory_format, CPU)     # the engine lays the soup out as the model (contiguous ref)
     K = 4
     thetas = [{n: base[n] + 0.3 * torch.randn_like(base[n]) for n in names} for _ in range(K)]
     buffers = {k: v for k, v in base.items() if k not in names}

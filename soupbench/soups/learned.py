@@ -54,7 +54,7 @@ from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
 from soupbench.io import hash_settings, load_weights, reusable_meta, save_weights, to_device, write_json
 from soupbench.rowfile import in_memory
-from soupbench.runtime import autocast, lr_schedule
+from soupbench.runtime import autocast, like_model, lr_schedule
 from soupbench.soups.averaging import is_averaged
 from soupbench.soups.context import SoupContext, SoupResult
 
@@ -123,7 +123,8 @@ def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tens
     of its shard's losses / batch_total, and the sum of those gradients over the ranks, ∇θL of the whole
     batch, is projected onto this rank's directions: G holds this rank's rows."""
     with torch.no_grad():
-        theta = {n: t.requires_grad_(True) for n, t in combine(centre, directions, weights, names, ranks).items()}
+        theta = {n: t.requires_grad_(True)
+                 for n, t in like_model(model, combine(centre, directions, weights, names, ranks)).items()}
     leaves = [theta[n] for n in names] + ([logit_scale] if logit_scale is not None else [])
     loss, grads = _model_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale,
                                   batch_total if ranks.distributed else None)
@@ -212,7 +213,7 @@ def validation_loss(model: torch.nn.Module, centre: Mapping[str, torch.Tensor] |
                     precision: str, logit_scale: torch.Tensor | None, ranks: World = SINGLE) -> float:
     """Mean cross-entropy of the soup with these weights on the engine's internal validation images (across
     ranks: `directions` and `weights` are this rank's rows, each rank scores its share of the images)."""
-    theta = {**buffers, **combine(centre, directions, weights, names, ranks)}
+    theta = like_model(model, {**buffers, **combine(centre, directions, weights, names, ranks)})
     dev = next(iter(theta.values())).device
     part = ranks.share(len(labels))
     mine_x, mine_y = images[part], labels[part]
