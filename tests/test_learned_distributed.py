@@ -3,6 +3,7 @@ the same coefficients and the same soup as one process."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
+from soupbench.runtime import set_memory_format
 from soupbench.soups import learned
 from tests.helpers import make_store, random_split, soup_context, tiny_model
 
@@ -32,6 +34,16 @@ CASES = {
                          logit_scale="learned", schedule="constant", clip="coefficients", max_grad_norm=0.5,
                          **COMMON),
 }
+# MEHL-Soup+ again with the model channels_last: the rank without images must reduce its zero gradients in the
+# other ranks' (contiguous) layout, or it projects the summed gradient's elements in the wrong order
+CASES["mehl_plus_channels_last"] = CASES["mehl_plus"]
+CHANNELS_LAST = {"mehl_plus_channels_last"}
+
+
+def model_for(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    out = copy.deepcopy(model)
+    set_memory_format(out, "channels_last" if name in CHANNELS_LAST else "contiguous", torch.device("cpu"))
+    return out
 
 
 def problem(tmp_path):
@@ -53,7 +65,8 @@ def worker(rank: int, tmp_path, cases: list[str]) -> None:
         learned._save_progress = lambda *a: writes.append(1) or save(*a)
         out = {}
         for name in cases:
-            res = learned.build(soup_context(model, ings, heldout, tmp_path / f"dist-{name}"), **CASES[name])
+            res = learned.build(soup_context(model_for(model, name), ings, heldout, tmp_path / f"dist-{name}"),
+                                **CASES[name])
             out[name] = {"coefficients": torch.tensor(res.info["coefficients"]), "state": res.state,
                          "blocks": res.info["blocks"], "ranks": res.info["ranks"]}
         out["writes"] = len(writes)
@@ -73,7 +86,7 @@ def runs(tmp_path_factory):
     model, heldout, ings = problem(tmp_path)
     single = {}
     for name, kw in CASES.items():
-        res = learned.build(soup_context(model, ings, heldout, tmp_path / f"one-{name}"), **kw)
+        res = learned.build(soup_context(model_for(model, name), ings, heldout, tmp_path / f"one-{name}"), **kw)
         single[name] = {"coefficients": torch.tensor(res.info["coefficients"]), "state": res.state,
                         "blocks": res.info["blocks"], "ranks": res.info["ranks"]}
     return ranks, single

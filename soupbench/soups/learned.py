@@ -146,8 +146,9 @@ def _model_gradient(model: torch.nn.Module, buffers: Mapping[str, torch.Tensor],
     """(loss, ∂loss/∂leaves) of the soup on (x, y): the mean cross-entropy, or with `batch_total` the sum over
     this shard / batch_total (the shards' losses then add up to the batch's mean). An empty shard (the last
     batch of an epoch may hold fewer images than there are ranks) gives zeros without a forward pass."""
-    if len(y) == 0:
-        return torch.zeros((), device=y.device), [torch.zeros_like(t) for t in leaves]
+    if len(y) == 0:     # contiguous like the other ranks' gradients: all_reduce adds raw memory, not strides
+        return (torch.zeros((), device=y.device, dtype=leaves[0].dtype),
+                [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in leaves])
     with autocast(x.device, precision):
         logits = functional_call(model, {**buffers, **theta}, (x,), strict=False)
     if logits.dtype in (torch.bfloat16, torch.float16):
