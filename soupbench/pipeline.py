@@ -82,6 +82,7 @@ class Run:
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
                                        class_names=self.data.class_names, device=self.device)
         self.memory_format = set_memory_format(self.model, cfg.memory_format, self.device)
+        log.info("device %s, memory format %s", self.device, self.memory_format)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, cfg.eval.cache_dir, self.data_key,
                                    cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device,

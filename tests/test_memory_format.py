@@ -7,12 +7,15 @@ import pytest
 import torch
 from torch import nn
 
+from soupbench import evaluate
 from soupbench.backbones.classifier import Classifier
 from soupbench.errors import ConfigError
 from soupbench.evaluate import predict
 from soupbench.io import fingerprint, load_weights, save_weights
+from soupbench.pipeline import Run
 from soupbench.runtime import like_model, set_memory_format
-from tests.helpers import random_split, tiny_model
+from soupbench.soups import learned
+from tests.helpers import compose_cfg, random_split, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -89,3 +92,38 @@ def test_saved_weights_and_fingerprints_do_not_depend_on_the_memory_format(tmp_p
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     loaded = load_weights(tmp_path / "a.safetensors")
     assert all(torch.equal(loaded[k], contiguous[k]) for k in contiguous)
+
+
+def test_every_functional_call_gets_weights_in_the_model_layout(monkeypatch):
+    """The speed depends on it (contiguous weights in a channels_last model ran at the contiguous speed), the
+    results do not: so spy on the calls. Evaluation, a learned-soup step and its validation loss."""
+    model = small_cnn()
+    set_memory_format(model, "channels_last", CPU)
+    own = model.state_dict()
+    seen: list[str] = []
+
+    def spy(real):
+        def call(m, state, args, **kw):
+            seen.extend(k for k, v in state.items() if v.dim() == 4 and v.stride() != own[k].stride())
+            seen.append("call")
+            return real(m, state, args, **kw)
+        return call
+
+    monkeypatch.setattr(evaluate, "functional_call", spy(evaluate.functional_call))
+    monkeypatch.setattr(learned, "functional_call", spy(learned.functional_call))
+    flat = {k: torch.empty(v.shape).copy_(v) for k, v in own.items()}          # standard strides, as from a file
+    split = random_split(n=8)
+    predict(model, split.images, 8, CPU, state=flat, precision="fp32")
+    names = learned.learnable_names(model)
+    buffers = {k: v for k, v in flat.items() if k not in names}
+    dirs = {n: torch.stack([flat[n], -flat[n]]) for n in names}
+    w = torch.full((2, len(names)), 0.25)
+    learned.coefficient_gradient(model, flat, dirs, w, names, buffers, split.images, split.labels, precision="fp32")
+    learned.validation_loss(model, flat, dirs, w, names, buffers, split.images, split.labels, 8, "fp32", None)
+    assert seen == ["call"] * 3
+
+
+def test_the_default_backbone_runs_channels_last_on_the_cpu(tmp_path):
+    run_ = Run(compose_cfg(["experiment=tiny", "logger=none", "device=cpu"], tmp_path))
+    assert run_.memory_format == "channels_last"
+    assert run_.model.encoder.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
