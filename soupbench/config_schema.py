@@ -50,6 +50,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("device", str, r"auto|cpu|cuda(:\d+)?", what="auto, cpu, cuda or cuda:N"),
     Rule("num_threads", int, ">=1", null=True),
     Rule("memory_format", str, ("auto", "channels_last", "contiguous")),
+    Rule("depthwise_grad", str, ("auto", "taps", "native")),
     Rule("progress", bool),
     Rule("stages", str, ("finetune", "soup", "evaluate", "report"), form="list"),
     Rule("ingredients.select", str, ("config", "all")),

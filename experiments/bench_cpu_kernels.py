@@ -1,9 +1,11 @@
-"""contiguous vs channels_last, side by side in one process: images/s of inference (plain and through
-`functional_call` with a soup's weights, as the evaluator and greedy soup run it), of a fine-tuning step and of
-a learned-soup step (`coefficient_gradient`), for the default backbone at the default image size. Rounds
-alternate between the two formats so load on the machine hits both alike; the ratio is what to read.
+"""The CPU settings `memory_format` and `depthwise_grad`, side by side in one process: images/s of inference
+(plain and through `functional_call` with a soup's weights, as the evaluator and greedy soup run it), of a
+fine-tuning step and of a learned-soup step (`coefficient_gradient`), for the default backbone at the default
+image size, in three variants: contiguous + the library's depthwise weight gradient (what soupbench did
+before), channels_last + library, channels_last + taps (the CPU default). Rounds alternate between the
+variants so load on the machine hits all alike; the ratios to the first are what to read.
 
-    python experiments/bench_memory_format.py [--image-size 32] [--threads 2] [--rounds 3] [--out FILE.json]
+    python experiments/bench_cpu_kernels.py [--image-size 32] [--threads 2] [--rounds 3] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from soupbench.backbones.classifier import set_batchnorm_eval
+from soupbench.backbones.depthwise_grad import set_depthwise_grad
 from soupbench.backbones.efficientnet_lite import create
 from soupbench.evaluate import predict
 from soupbench.runtime import set_memory_format
@@ -34,11 +37,17 @@ def rate(fn: Callable[[], None], images: int, repeats: int) -> float:
     return images * repeats / (time.perf_counter() - t0)
 
 
-def workloads(fmt: str, size: int, base: dict[str, torch.Tensor], soup: dict[str, torch.Tensor]
+VARIANTS = {"contiguous": ("contiguous", "native"), "channels_last": ("channels_last", "native"),
+            "channels_last+taps": ("channels_last", "taps")}
+
+
+def workloads(variant: str, size: int, base: dict[str, torch.Tensor], soup: dict[str, torch.Tensor]
               ) -> dict[str, tuple[Callable[[], None], int, int]]:
+    fmt, grad = VARIANTS[variant]
     model = create("lite0", "wheel", 10, [0.5] * 3, [0.5] * 3)
     model.load_state_dict(base)
     set_memory_format(model, fmt, CPU)
+    set_depthwise_grad(model, grad, CPU)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (512, 3, size, size), generator=gen, dtype=torch.uint8)
     labels = torch.randint(0, 10, (512,), generator=gen)
@@ -81,16 +90,17 @@ def main() -> None:
     soup = {k: v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
     results: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):
-        for fmt in ("contiguous", "channels_last"):
-            for name, (fn, images, repeats) in workloads(fmt, args.image_size, base, soup).items():
-                results.setdefault(name, {}).setdefault(fmt, []).append(rate(fn, images, repeats))
+        for variant in VARIANTS:
+            for name, (fn, images, repeats) in workloads(variant, args.image_size, base, soup).items():
+                results.setdefault(name, {}).setdefault(variant, []).append(rate(fn, images, repeats))
     table = {}
-    print(f"EfficientNet-Lite0, {args.image_size} px, {args.threads} threads; images/s, best of {args.rounds} rounds")
-    print(f"{'workload':30s} {'contiguous':>11s} {'channels_last':>14s} {'ratio':>6s}")
+    print(f"EfficientNet-Lite0, {args.image_size} px, {args.threads} threads; images/s, best of {args.rounds} "
+          "rounds (ratio to contiguous)")
+    print(f"{'workload':30s}" + "".join(f"{v:>26s}" for v in VARIANTS))
     for name, by in results.items():
-        c, cl = max(by["contiguous"]), max(by["channels_last"])
-        table[name] = {"contiguous": c, "channels_last": cl, "ratio": cl / c}
-        print(f"{name:30s} {c:11.0f} {cl:14.0f} {cl / c:6.2f}")
+        best = {v: max(by[v]) for v in VARIANTS}
+        table[name] = {v: {"images_per_s": r, "ratio": r / best["contiguous"]} for v, r in best.items()}
+        print(f"{name:30s}" + "".join(f"{r:17.0f} ({r / best['contiguous']:4.2f}x)" for r in best.values()))
     if args.out:
         args.out.write_text(json.dumps({"image_size": args.image_size, "threads": args.threads,
                                         "torch": torch.__version__, "results": table}, indent=2) + "\n")
