@@ -79,6 +79,8 @@ def test_large_maps_grouped_convolutions_and_no_grad_stay_with_the_library(monke
     m(torch.randn(2, 4, side, side, dtype=torch.float64, requires_grad=True))       # a map above MAX_MAP
     with torch.no_grad():
         m(torch.randn(2, 4, 2, 2, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.float()(torch.randn(2, 4, 2, 2, requires_grad=True))
     assert calls == []
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 16, 3, groups=8))
     assert set_depthwise_grad(grouped, "taps", CPU) == 0

@@ -5,8 +5,9 @@ its kernel (EfficientNet-Lite0 at 32 px ends on 4x4, 2x2 and 1x1 maps under 3x3 
 three quarters of a whole fine-tuning or learned-soup step, for what is a few million multiply-adds.
 `set_depthwise_grad` swaps the forward of a model's depthwise convolutions for one whose backward computes
 ∂L/∂w as a sum over kernel taps of (shifted input · output gradient) when the output map has at most
-`MAX_MAP` positions, and leaves everything else (the forward, ∂L/∂x, larger maps, no-grad passes) to the
-library. The module keeps its parameters, so state dicts, `functional_call` and optimisers see no difference.
+`MAX_MAP` positions, and leaves everything else (the forward, ∂L/∂x, larger maps, no-grad and autocast
+passes) to the library. The module keeps its parameters, so state dicts, `functional_call` and optimisers see
+no difference.
 (Materialising the unfolded input instead was no faster: im2col on channels_last maps dominated.)
 """
 
@@ -80,7 +81,7 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     sh, sw = self.stride
     out_h = (x.shape[-2] + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // sh + 1
     out_w = (x.shape[-1] + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // sw + 1
-    if not torch.is_grad_enabled() or out_h * out_w > MAX_MAP:
+    if not torch.is_grad_enabled() or out_h * out_w > MAX_MAP or torch.is_autocast_enabled(x.device.type):
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
     return _DepthwiseConv2d.apply(x, self.weight, self.bias, self.stride, padding, self.dilation)
 
