@@ -83,9 +83,9 @@ class Run:
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
                                        class_names=self.data.class_names, device=self.device)
         self.memory_format = set_memory_format(self.model, cfg.memory_format, self.device)
-        taps = set_depthwise_grad(self.model, cfg.depthwise_grad, self.device)
+        self.depthwise_taps = set_depthwise_grad(self.model, cfg.depthwise_grad, self.device)
         log.info("device %s, memory format %s, depthwise weight gradients by taps: %d convolutions", self.device,
-                 self.memory_format, taps)
+                 self.memory_format, self.depthwise_taps)
         self.data_key = hash_settings(container(cfg.dataset))
         self.evaluator = Evaluator(self.model, self.data, cfg.eval.cache_dir, self.data_key,
                                    cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device,
@@ -373,13 +373,18 @@ class Run:
         results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
-                   "config": container(self.cfg)}
+                   "config": container(self.cfg), "runtime": self.runtime()}
         save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
         results["bootstrap"] = self.bootstrap(hits)
         if self.cfg.diagnostics.enabled:
             results["diagnostics"] = self.diagnostics(ingredients, results)
         write_json(self.layout.results(), results)
         return results
+
+    def runtime(self) -> dict:
+        """What this invocation ran on, resolved from the `auto` settings (timings depend on it)."""
+        return {"device": str(self.device), "world_size": self.world.size, "memory_format": self.memory_format,
+                "depthwise_grad_taps": self.depthwise_taps, "torch": torch.__version__}
 
     def bootstrap(self, hits: dict[str, dict[str, torch.Tensor]]) -> dict:
         """Paired bootstrap intervals of every method's difference to the references (report.bootstrap), on

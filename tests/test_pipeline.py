@@ -22,6 +22,8 @@ def test_report_has_every_method_and_split(tiny_run):
         assert {"heldout", "test", "digits", "ood_avg"} <= set(m)
         assert all(0 <= m[s] <= 100 for s in ("heldout", "test", "digits"))
     assert (run_dir / "results.json").is_file()
+    assert results["runtime"] == {"device": "cpu", "world_size": 1, "memory_format": "channels_last",
+                                  "depthwise_grad_taps": 16, "torch": torch.__version__}
     table = (run_dir / "results.txt").read_text()
     assert all(name in table for name in results["methods"]) and "digits" in table
 
