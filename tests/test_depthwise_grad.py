@@ -5,11 +5,12 @@ and must leave what it does not cover to the library."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, StdConv2d
 from torch import nn
 from torch.func import functional_call
 
@@ -20,12 +21,15 @@ from soupbench.backbones.efficientnet_lite import create
 from soupbench.errors import ConfigError
 
 CPU = torch.device("cpu")
-# (channels, kernel, stride, padding, dilation, input size, same-padding)
-CONVS = [(6, 3, 1, 1, 1, 3, False), (4, 5, 1, 2, 1, 1, False), (5, 5, 2, 2, 1, 4, False), (3, 3, 1, 2, 2, 4, False),
-         (4, 5, 2, 0, 1, 5, True), (4, 3, 2, 0, 1, 6, True), (3, 3, 1, 0, 1, 4, False)]
+# (channels, kernel, stride, padding, dilation, input (h, w), same-padding); the last ones differ between height
+# and width in every setting, so a tap offset or stride taken from the wrong dimension shows
+CONVS = [(6, 3, 1, 1, 1, (3, 3), False), (4, 5, 1, 2, 1, (1, 1), False), (5, 5, 2, 2, 1, (4, 4), False),
+         (3, 3, 1, 2, 2, (4, 4), False), (4, 5, 2, 0, 1, (5, 5), True), (4, 3, 2, 0, 1, (6, 6), True),
+         (3, 3, 1, 0, 1, (4, 4), False), (3, (3, 5), (2, 1), (0, 2), (1, 2), (3, 7), False),
+         (2, (5, 3), (1, 2), (2, 0), (2, 1), (6, 4), False), (3, (3, 5), (2, 1), 0, (1, 2), (5, 3), True)]
 
 
-def conv(c: int, k: int, s: int, p: int, d: int, same: bool, bias: bool) -> nn.Conv2d:
+def conv(c: int, k, s, p, d, same: bool, bias: bool) -> nn.Conv2d:
     torch.manual_seed(0)
     if same:
         return Conv2dSame(c, c, k, s, groups=c, bias=bias, dilation=d).double()
@@ -46,7 +50,7 @@ def test_tap_gradients_are_the_library_gradients(spec, bias, channels_last):
     native = conv(c, k, s, p, d, same, bias)
     taps = copy.deepcopy(native)
     assert set_depthwise_grad(taps, "taps", CPU) == 1
-    x = torch.randn(7, c, size, size, dtype=torch.float64)
+    x = torch.randn(7, c, *size, dtype=torch.float64)
     if channels_last:
         native.to(memory_format=torch.channels_last)
         taps.to(memory_format=torch.channels_last)
@@ -84,6 +88,12 @@ def test_large_maps_grouped_convolutions_and_no_grad_stay_with_the_library(monke
     assert calls == []
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 16, 3, groups=8))
     assert set_depthwise_grad(grouped, "taps", CPU) == 0
+    # a subclass with a forward of its own (here weight standardisation) keeps it
+    assert set_depthwise_grad(StdConv2d(4, 4, 3, padding=1, groups=4), "taps", CPU) == 0
+    # torch.func transforms take the library's path too (the Function has no vmap rule)
+    x = torch.randn(3, 4, 2, 2)                                  # (the module is float32 since the autocast pass)
+    torch.func.grad(lambda w: functional_call(m, {"weight": w}, (x,)).sum())(m.weight.detach())
+    assert calls == []
 
 
 def test_auto_is_taps_on_the_cpu_only_and_native_undoes_it():
@@ -97,7 +107,7 @@ def test_auto_is_taps_on_the_cpu_only_and_native_undoes_it():
         set_depthwise_grad(model, "fast", CPU)
 
 
-def test_functional_call_and_deepcopy_use_the_weights_they_are_given():
+def test_functional_call_deepcopy_and_pickle_use_the_weights_they_are_given():
     m = conv(4, 3, 1, 1, 1, False, True)
     set_depthwise_grad(m, "taps", CPU)
     x = torch.randn(3, 4, 3, 3, dtype=torch.float64)
@@ -108,10 +118,11 @@ def test_functional_call_and_deepcopy_use_the_weights_they_are_given():
     w = other["weight"].detach().requires_grad_(True)
     (ref,) = torch.autograd.grad(F.conv2d(x, w, other["bias"].detach(), 1, 1, 1, 4).square().sum(), w)
     torch.testing.assert_close(gw, ref)
-    twin = copy.deepcopy(m)
+    twin = pickle.loads(pickle.dumps(copy.deepcopy(m)))
     with torch.no_grad():
         twin.weight.zero_()
         twin.bias.zero_()
+    assert "forward" in twin.__dict__                            # copied and unpickled with the taps
     assert twin(x).abs().max() == 0 and m(x).abs().max() > 0     # the copy's forward reads the copy's weights
 
 

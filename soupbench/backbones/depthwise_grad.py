@@ -6,14 +6,14 @@ three quarters of a whole fine-tuning or learned-soup step, for what is a few mi
 `set_depthwise_grad` swaps the forward of a model's depthwise convolutions for one whose backward computes
 ∂L/∂w as a sum over kernel taps of (shifted input · output gradient) when the output map has at most
 `MAX_MAP` positions, and leaves everything else (the forward, ∂L/∂x, larger maps, no-grad and autocast
-passes) to the library. The module keeps its parameters, so state dicts, `functional_call` and optimisers see
-no difference.
+passes, torch.func transforms) to the library. The module keeps its parameters, so state dicts,
+`functional_call` and optimisers see no difference.
 (Materialising the unfolded input instead was no faster: im2col on channels_last maps dominated.)
 """
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,10 @@ def _weight_grad(x: torch.Tensor, g: torch.Tensor, kernel: torch.Size, stride: t
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return (isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    """A plain (or timm TF-"SAME") depthwise convolution: subclasses with a forward of their own (weight
+    standardisation, quantisation) are left alone, as is a string padding."""
+    return (isinstance(m, nn.Conv2d) and type(m).forward in (nn.Conv2d.forward, Conv2dSame.forward)
+            and m.groups > 1 and m.groups == m.in_channels == m.out_channels
             and m.padding_mode == "zeros" and not isinstance(m.padding, str))
 
 
@@ -81,7 +84,8 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     sh, sw = self.stride
     out_h = (x.shape[-2] + 2 * padding[0] - self.dilation[0] * (kh - 1) - 1) // sh + 1
     out_w = (x.shape[-1] + 2 * padding[1] - self.dilation[1] * (kw - 1) - 1) // sw + 1
-    if not torch.is_grad_enabled() or out_h * out_w > MAX_MAP or torch.is_autocast_enabled(x.device.type):
+    if (not torch.is_grad_enabled() or out_h * out_w > MAX_MAP or torch.is_autocast_enabled(x.device.type)
+            or torch._C._are_functorch_transforms_active()):         # torch.func.grad/vmap/jvp: the library's
         return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
     return _DepthwiseConv2d.apply(x, self.weight, self.bias, self.stride, padding, self.dilation)
 
@@ -97,7 +101,7 @@ def set_depthwise_grad(model: nn.Module, name: str, device: torch.device) -> int
     for m in model.modules():
         if _is_depthwise(m):
             if use:
-                m.forward = types.MethodType(_forward, m)
+                m.forward = functools.partial(_forward, m)     # unlike a bound method, survives pickling
                 n += 1
             else:
                 m.__dict__.pop("forward", None)
