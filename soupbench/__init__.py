@@ -21,3 +21,16 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 resolvers.register()
+
+
+def __getattr__(name: str):
+    """The Python API without importing torch at `import soupbench`: soupbench.soup, Soup, export_soup."""
+    if name in ("soup", "Soup"):
+        from soupbench import api
+
+        return getattr(api, name)
+    if name == "export_soup":
+        from soupbench.export import export_soup
+
+        return export_soup
+    raise AttributeError(f"module 'soupbench' has no attribute {name!r}")

@@ -1,91 +1,133 @@
-"""Ingredients from elsewhere: the 72 CLIP ViT-B/32 checkpoints released with model soups
-(`model_<i>.pt`, state dicts of their `ModelWrapper`: `model.visual.*` = the OpenAI CLIP image tower,
-`model.*` text parts, `classification_head.*`). They become an ordinary ingredient directory, so the soup
-and evaluate stages run on them unchanged."""
+"""Ingredients from checkpoint files that other code wrote (`ingredients.from_files`): each file is read
+(soupbench.checkpoints), mapped onto the backbone's tensors, cast to its dtypes and stored as an ordinary
+ingredient, so the soup and evaluate stages run on it unchanged. Also the shared start θ0 from a file
+(`ingredients.start`) and the measured check that the ingredients were fine-tuned from it."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from soupbench.backbones.source_keys import SourceKeys
+from soupbench.checkpoints import match_state, read_checkpoint
 from soupbench.errors import CheckpointError
 from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
 from soupbench.io import fingerprint, require_finite
 
-KEY_MAP = (("model.visual.", "encoder.visual."), ("classification_head.", "head."))
+log = logging.getLogger("soupbench")
 
 
-def convert_model_soups_state(src: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor],
-                              path: Path) -> dict[str, torch.Tensor]:
-    """Released key names -> soupbench's (CLIP Classifier); the text tower is dropped. Every tensor of the
-    template must be there with its shape, or the file is named in a CheckpointError."""
-    out = {}
-    for k, v in src.items():
-        for old, new in KEY_MAP:
-            if k.startswith(old):
-                out[new + k[len(old):]] = v
-    missing = sorted(set(template) - set(out))
-    if missing:
-        raise CheckpointError(f"{path}: not a model-soups checkpoint for this backbone: {len(missing)} tensors "
-                              f"missing (e.g. {missing[:3]}); expected keys model.visual.* and classification_head.*")
-    extra = sorted(set(out) - set(template))
-    if extra:
-        raise CheckpointError(f"{path}: {len(extra)} image-tower tensors this backbone does not have "
-                              f"(e.g. {extra[:3]}): another CLIP architecture?")
-    for k, v in template.items():
-        if out[k].shape != v.shape:
-            hint = " (another class count)" if k.startswith("head.") else ""
-            raise CheckpointError(f"{path}: '{k}' has shape {tuple(out[k].shape)}, expected {tuple(v.shape)}{hint}")
-        out[k] = out[k].to(v.dtype)
-    return {k: out[k] for k in template}
+def ingredient_ids(files: Sequence[Path]) -> list[str]:
+    """One id per file: its name without the suffix, with as many parent folders as make the ids unique
+    (`run1/model_best.pth`, `run2/model_best.pth` -> `run1-model_best`, `run2-model_best`)."""
+    parts = [list(Path(f).resolve().with_suffix("").parts) if Path(f).is_file() else list(Path(f).resolve().parts)
+             for f in files]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        ids = ["-".join(p[-depth:]).lstrip("-/") for p in parts]
+        if len(set(ids)) == len(ids):
+            return ids
+    raise CheckpointError(f"ingredients.from_files: the same file is named twice: {files}")
 
 
-def _index(path: Path) -> int:
-    m = re.search(r"(\d+)", path.stem)
-    return int(m.group(1)) if m else -1
+def read_weights(path: Path, template: Mapping[str, torch.Tensor], source: SourceKeys | None, fmt: str = "auto",
+                 ema: bool = False, key_map: Mapping[str, str] | None = None, optional_head: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """One checkpoint as a state dict in the template's names, dtypes and order, plus what was done to it."""
+    raw, info = read_checkpoint(path, fmt, ema)
+    state, match = match_state(raw, template, source, path, key_map, optional_head)
+    require_finite(state, path)
+    return state, {**info, **match}
 
 
-def released_files(src_dir: str | Path) -> list[Path]:
-    """The `*.pt` checkpoints in `src_dir`, in the order of the number in their names (model_2 before model_10)."""
-    src = Path(src_dir)
-    return sorted(src.glob("*.pt"), key=lambda p: (_index(p), p.name)) if src.is_dir() else []
+def source_record(path: Path) -> dict:
+    """What identifies a source file's content cheaply (a changed file is imported again)."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return {"source": str(path.resolve()), "source_size": sum(f.stat().st_size for f in files),
+            "source_mtime_ns": max(f.stat().st_mtime_ns for f in files)}
 
 
-def imported_id(path: Path) -> str:
-    return f"ms-{path.stem}"
-
-
-def import_model_soups(src_dir: str | Path, dst_dir: str | Path, template: Mapping[str, torch.Tensor],
-                       heldout_accuracy: Callable[[dict[str, torch.Tensor], str], float], progress: bool = False
-                       ) -> list[Ingredient]:
-    """Convert every `*.pt` in `src_dir` (sorted by the number in its name) into `dst_dir`, measuring each
-    one's held-out accuracy; already imported files are reused. torch.load runs with weights_only=True."""
+def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[str, torch.Tensor],
+                 source: SourceKeys | None, base_fp: str, heldout_accuracy: Callable[[dict, str], float],
+                 fmt: str = "auto", ema: bool = False, key_map: Mapping[str, str] | None = None,
+                 progress: bool = False) -> list[Ingredient]:
+    """Convert every checkpoint in `files` into an ingredient in `dst_dir`, measuring its held-out accuracy.
+    A file imported before with the same size, time and start is reused. Ingredients stored in another dtype
+    than the backbone's (bf16 among fp32) are cast, with a warning naming the file; soups average in float64."""
     from tqdm.auto import tqdm
 
-    files = released_files(src_dir)
-    if not files:
-        raise CheckpointError(f"finetune.import_from: no *.pt checkpoints in {src_dir}")
     done = {g.id: g for g in list_ingredients(dst_dir)}
-    base_fp = f"model-soups:{fingerprint({k: v for k, v in template.items() if not k.startswith('head.')})}"
     out = []
-    for path in tqdm(files, desc="import checkpoints", disable=not progress, leave=False):
-        gid = imported_id(path)
-        if gid in done and done[gid].meta.get("source_size") == path.stat().st_size:
-            out.append(done[gid])
+    for path, gid in tqdm(list(zip(files, ingredient_ids(files), strict=True)), desc="import checkpoints",
+                          disable=not progress, leave=False):
+        record = source_record(path)
+        old = done.get(gid)
+        if old is not None and all(old.meta.get(k) == v for k, v in record.items()) and \
+                old.meta.get("base_fingerprint") == base_fp:
+            out.append(old)
             continue
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors, truncated zip archives, ...
-            raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-        raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-        state = convert_model_soups_state(raw, template, path)
-        require_finite(state, path)
+        state, info = read_weights(path, template, source, fmt, ema, key_map)
+        if info.get("cast_from"):
+            log.warning("%s: stored as %s, cast to the backbone's %s", path, "/".join(info["cast_from"]),
+                        str(next(iter(template.values())).dtype).removeprefix("torch."))
         fp = fingerprint(state)
-        meta = {"source": str(path.resolve()), "source_size": path.stat().st_size, "fingerprint": fp,
-                "base_fingerprint": base_fp, "hyperparameters": {"index": _index(path)},
-                "heldout_acc": heldout_accuracy(state, fp)}
+        meta = {**record, "import": info, "fingerprint": fp, "base_fingerprint": base_fp,
+                "hyperparameters": {"file": path.name}, "heldout_acc": heldout_accuracy(state, fp)}
         out.append(save_ingredient(dst_dir, gid, state, meta))
     return out
+
+
+# -------------------------------------------------------------------------------------------- the start check
+def start_distances(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+    """Per floating-point tensor: how far θ0 lies from the ingredients' centroid (`offset`, the norm of the mean
+    task vector) against how far the ingredients lie from it (`spread`, the root mean square of ||θ_i − θ̄||).
+    One streamed pass, float64, one state dict and two accumulators in memory."""
+    from soupbench.soups.averaging import stream_states
+
+    total: dict[str, torch.Tensor] = {}
+    sq: dict[str, float] = {}
+    for _, state in stream_states(list(ingredients)):
+        for k, v in state.items():
+            if not v.is_floating_point() or k not in base:
+                continue
+            d = v.double() - base[k].double()
+            total[k] = total[k] + d if k in total else d
+            sq[k] = sq.get(k, 0.0) + float(d.pow(2).sum())
+    n = len(ingredients)
+    out = {}
+    for k, t in total.items():
+        mean = t / n
+        offset = float(mean.norm())
+        spread = math.sqrt(max(sq[k] / n - float(mean.pow(2).sum()), 0.0))
+        out[k] = {"offset": offset, "spread": spread, "base_norm": float(base[k].double().norm()),
+                  "numel": t.numel()}
+    return out
+
+
+def check_start(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor], ratio: float) -> dict:
+    """The measured test that `base` (θ0) is where the ingredients were fine-tuned from, for files whose
+    recorded start soupbench cannot know. Ingredients fine-tuned from θ0 lie around it: the mean task vector is
+    not much longer than the ingredients' spread around their centroid. A start they never had (another
+    linear probe, another pretrained model) sits off to one side: on the tensors where it differs, θ0 is more
+    than `ratio` times the spread from the centroid. Tensors that every ingredient shares with θ0 (frozen)
+    pass; a tensor that every ingredient shares but θ0 does not fails. Needs two ingredients or more.
+
+    Returns {"passed", "ratio", "failed": [worst tensors], "fraction_failed" (of parameters)}."""
+    if len(ingredients) < 2:
+        return {"passed": True, "ratio": ratio, "failed": [], "fraction_failed": 0.0,
+                "note": "one ingredient: nothing to measure against"}
+    dist = start_distances(ingredients, base)
+    failed = []
+    for k, d in dist.items():
+        tiny = 1e-6 * max(d["base_norm"], 1e-12)
+        if d["offset"] > tiny and d["offset"] > ratio * d["spread"]:
+            failed.append((d["offset"] / max(d["spread"], 1e-30), k))
+    failed.sort(reverse=True)
+    numel = sum(d["numel"] for d in dist.values())
+    frac = sum(dist[k]["numel"] for _, k in failed) / max(numel, 1)
+    return {"passed": not failed, "ratio": ratio, "fraction_failed": frac,
+            "failed": [{"tensor": k, "offset_over_spread": round(r, 2) if math.isfinite(r) else "inf"}
+                       for r, k in failed[:5]]}

@@ -17,6 +17,8 @@ import torch
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import load_weights, read_json, save_weights, write_json
 
+REQUIRED_FIELDS = {"fingerprint", "heldout_acc"}     # what every ingredient record must hold
+
 
 @dataclass
 class Ingredient:
@@ -59,6 +61,10 @@ def list_ingredients(directory: str | Path) -> list[Ingredient]:
     out = []
     for meta_path in sorted(directory.glob("*.json")):
         meta = read_json(meta_path)
+        if not isinstance(meta, dict) or not REQUIRED_FIELDS <= set(meta):
+            missing = sorted(REQUIRED_FIELDS - set(meta if isinstance(meta, dict) else {}))
+            raise CheckpointError(f"{meta_path}: not an ingredient record (no {missing}; soupbench writes these "
+                                  "itself): bring your own checkpoints with ingredients.from_files instead")
         weights = meta_path.with_suffix(".safetensors")
         if not weights.is_file():
             raise CheckpointError(f"{meta_path}: its weights file {weights.name} is missing")

@@ -93,6 +93,7 @@ class Run:
         self.warnings: list[str] = self.check_heldout_protocol(self.data.heldout_source)
         self.base: dict[str, torch.Tensor] = {}
         self.base_fp = ""
+        self.start_problem: str | None = None      # why θ0 is not the ingredients' start (soups that use it stop)
 
     def check_heldout_protocol(self, source: str | None) -> list[str]:
         """Imported ingredients must be selected on their own held-out images: the released model-soups
@@ -100,16 +101,16 @@ class Run:
         `imagenet_98_idxs.npy` flags, so any other held-out overlaps their training data by ~98 % and ranks
         overfit ingredients high. Checked from the config before any data is read (`source` None: no index
         file is set), and again from the loaded data. Returns the warnings the results must carry."""
-        ft = self.cfg.finetune
-        if ft.import_from is None or (source or "").startswith("index:"):
+        ing = self.cfg.ingredients
+        if ing.from_files is None or ing.format != "model_soups" or (source or "").startswith("index:"):
             return []
         shown = source or "not an index file"
-        if not ft.allow_foreign_heldout:
+        if not ing.allow_foreign_heldout:
             raise ConfigError(
-                f"finetune.import_from: the released ingredients were fine-tuned on ImageNet train minus the images "
-                f"flagged in model-soups' imagenet_98_idxs.npy, but this held-out is {shown!r} and overlaps their "
-                "training data: set dataset.heldout_index=/path/to/imagenet_98_idxs.npy "
-                "(or finetune.allow_foreign_heldout=true for a quick check; the results then say so)")
+                f"ingredients.format=model_soups: the released ingredients were fine-tuned on ImageNet train minus the "
+                f"images flagged in model-soups' imagenet_98_idxs.npy, but this held-out is {shown!r} and overlaps "
+                "their training data: set dataset.heldout_index=/path/to/imagenet_98_idxs.npy "
+                "(or ingredients.allow_foreign_heldout=true for a quick check; the results then say so)")
         msg = (f"held-out is {shown!r}, not the imported ingredients' own (imagenet_98_idxs.npy): it overlaps "
                "their training data, so greedy, best individual and learned coefficients are biased")
         if source is not None:
@@ -128,7 +129,21 @@ class Run:
     # ------------------------------------------------------------------------------------------ base (LP)
     def prepare_base(self) -> None:
         """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings (under a lock,
-        so the parallel jobs of a sweep compute it once and the others reuse it)."""
+        so the parallel jobs of a sweep compute it once and the others reuse it). Ingredients from files start
+        from `ingredients.start` (a file) or the backbone as built: no linear probe is fitted for them."""
+        ing = self.cfg.ingredients
+        if ing.from_files is not None:
+            if ing.start is not None:
+                from soupbench.importers import read_weights
+
+                self.base, info = read_weights(Path(ing.start), self.model.state_dict(), self.model.source_keys,
+                                               "auto", False, container(ing.key_map))
+                self.model.load_state_dict(self.base)
+                log.info("start θ0: %s (%s, head from the %s)", ing.start, info["format"], info["head"])
+            else:
+                self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            self.base_fp = fingerprint(self.base)
+            return
         with file_lock(self.layout.base_lock):
             self._prepare_base()
 
@@ -176,7 +191,7 @@ class Run:
 
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
-        if ft.import_from is not None:
+        if self.cfg.ingredients.from_files is not None:
             self.import_stage(tracker)
             return
         plan = self.planned_ingredients()
@@ -228,23 +243,65 @@ class Run:
         return meta
 
     def import_stage(self, tracker: tracking.Tracker) -> None:
-        """Released checkpoints instead of fine-tuning (finetune.import_from)."""
-        from soupbench.importers import import_model_soups
+        """Checkpoints other code fine-tuned, instead of fine-tuning (ingredients.from_files)."""
+        from soupbench.checkpoints import source_files
+        from soupbench.importers import import_files
 
-        imported = import_model_soups(self.cfg.finetune.import_from, self.ingredient_dir, self.base,
-                                      lambda s, fp: self.evaluator.accuracy(s, "heldout", fp), self.progress)
+        ing = self.cfg.ingredients
+        files = source_files(container(ing.from_files))
+        imported = import_files(files, self.ingredient_dir, self.base, self.model.source_keys, self.base_fp,
+                                lambda s, fp: self.evaluator.accuracy(s, "heldout", fp), ing.format, ing.ema,
+                                container(ing.key_map), self.progress)
         for g in imported:
             self.heldout_acc(g)
-        log.info("imported %d ingredients from %s", len(imported), self.cfg.finetune.import_from)
+        log.info("imported %d ingredients from %s", len(imported), container(ing.from_files))
         tracker.log_table("ingredients", ["id", "heldout_acc", "source"],
                           [[g.id, g.heldout_acc, g.meta["source"]] for g in imported])
 
     def planned_ids(self) -> list[str]:
-        if self.cfg.finetune.import_from is not None:
-            from soupbench.importers import imported_id, released_files
+        if self.cfg.ingredients.from_files is not None:
+            from soupbench.checkpoints import source_files
+            from soupbench.importers import ingredient_ids
 
-            return [imported_id(p) for p in released_files(self.cfg.finetune.import_from)]
+            return ingredient_ids(source_files(container(self.cfg.ingredients.from_files)))
         return [gid for gid, _, _ in self.planned_ingredients()]
+
+    def check_start(self, ingredients: list[Ingredient]) -> None:
+        """Were the ingredients fine-tuned from this run's θ0? soupbench's own record their start's fingerprint:
+        reusing ingredients of another start stops here. Imported files are measured (importers.check_start,
+        stored beside them); a failed check stops only the soups that use θ0 (`SoupContext.start_weights`)."""
+        own = [g for g in ingredients if "source" not in g.meta]
+        other = [g.id for g in own if g.meta.get("base_fingerprint") != self.base_fp]
+        if other:
+            raise ConfigError(
+                f"ingredients {other[:3]} in {self.ingredient_dir} were fine-tuned from another start "
+                f"({own[0].meta.get('base_fingerprint')}) than this run's θ0 ({self.base_fp}): backbone.* or "
+                "finetune.linear_probe.* changed since they were trained; restore those settings, or give this "
+                "start its own ingredients.dir")
+        imported = [g for g in ingredients if "source" in g.meta]
+        if not imported:
+            return
+        from soupbench.importers import check_start
+
+        ratio = float(self.cfg.ingredients.start_check_ratio)
+        key = hash_settings({"ingredients": [g.fingerprint for g in imported], "base": self.base_fp, "ratio": ratio})
+        path = self.ingredient_dir / "checks" / "start.json"    # beside the ingredients, not one of them
+        result = reusable_meta(path, "key", key)
+        if result is None:
+            result = {"key": key, **check_start(imported, self.base, ratio)}
+            if self.world.main:
+                write_json(path, result)
+        if not result["passed"]:
+            worst = result["failed"][0]
+            where = (f"ingredients.start={self.cfg.ingredients.start}" if self.cfg.ingredients.start is not None
+                     else "the backbone as built (ingredients.start=null)")
+            self.start_problem = (
+                f"the ingredients were not fine-tuned from θ0 = {where}: on {len(result['failed'])}+ tensors "
+                f"({result['fraction_failed']:.1%} of the parameters; worst '{worst['tensor']}', "
+                f"{worst['offset_over_spread']}x) θ0 lies more than ingredients.start_check_ratio={ratio:g} times "
+                "the ingredients' spread from their centroid: set ingredients.start to the checkpoint they "
+                "started from")
+            log.warning("start check: %s", self.start_problem)
 
     def selected_ingredients(self) -> list[Ingredient]:
         found = {g.id: g for g in list_ingredients(self.ingredient_dir)}
@@ -265,6 +322,7 @@ class Run:
             self.heldout_acc(g)
         chosen = restrict(chosen, self.cfg.ingredients.limit, self.cfg.ingredients.exclude_top)
         check_compatible(chosen, self.base)
+        self.check_start(chosen)
         return chosen
 
     # ------------------------------------------------------------------------------------------ soups
@@ -289,11 +347,12 @@ class Run:
                     built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
                 log.info("soup %s: reusing %s", name, meta_path)
                 built[name] = old
+                self.export(name, old)
                 continue
             make_soup = build(scfg)
             used: dict[str, str] = {}
             ctx = SoupContext(
-                ingredients=ingredients, base=self.base, heldout=self.data.heldout,
+                ingredients=ingredients, base=self.base, start_problem=self.start_problem, heldout=self.data.heldout,
                 model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
                 ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
@@ -318,8 +377,20 @@ class Run:
                              {"method": name, "members": ",".join(result.members)})
             write_json(meta_path, meta)
             built[name] = meta
+            self.export(name, meta, result.state)
             shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
             log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
+
+    def export(self, name: str, meta: dict, state: dict[str, torch.Tensor] | None = None) -> None:
+        """The weight soup `name` in its ingredients' library format too (export.formats, soupbench.export)."""
+        formats = list(self.cfg.export.formats)
+        if meta["kind"] != "weights" or not formats or not self.world.main:
+            return
+        from soupbench.export import export_soup
+
+        state = state if state is not None else load_weights(self.layout.soup_weights(name))
+        paths = export_soup(state, self.model.source_keys, self.cfg.export.dir, name, formats, meta["fingerprint"])
+        log.info("soup %s: exported %s", name, ", ".join(str(p) for p in paths))
 
     def earlier_soup(self, built: dict[str, dict], name: str, wanted: str, used: dict[str, str]) -> SoupResult:
         """Soup `wanted`, built before soup `name` in this run (WiSE-FT on top of greedy); recorded in `used`

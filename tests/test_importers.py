@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from soupbench.errors import CheckpointError
-from soupbench.importers import convert_model_soups_state
 from soupbench.io import load_weights, read_json
 from soupbench.pipeline import Run, run
 from tests.helpers import compose_cfg, make_tree
@@ -64,7 +63,7 @@ def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagene
     results = run(cfg)
 
     ids = sorted(results["ingredients"])
-    assert ids == ["ms-model_0", "ms-model_1", "ms-model_2"]
+    assert ids == ["model_0", "model_1", "model_2"]
     splits = ["heldout", "test", "imagenetv2", "imagenet_r", "imagenet_sketch", "objectnet", "imagenet_a"]
     for name in ("best_individual", "uniform", "greedy", "mehl_plus", "ensemble"):
         assert all(s in results["methods"][name] for s in splits), name
@@ -72,11 +71,11 @@ def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagene
     assert results["splits"]["objectnet"] == 113 and results["splits"]["imagenet_r"] == 200
     # the ingredient holds exactly the released image tower and head, under soupbench's names
     src = torch.load(ckpts / "model_1.pt", weights_only=True)
-    got = load_weights(Path(cfg.ingredients.dir) / "ms-model_1.safetensors")
+    got = load_weights(Path(cfg.ingredients.dir) / "model_1.safetensors")
     assert torch.equal(got["encoder.visual.conv1.weight"], src["model.visual.conv1.weight"])
     assert torch.equal(got["head.weight"], src["classification_head.weight"])
     assert not any("token_embedding" in k for k in got)
-    meta = read_json(Path(cfg.ingredients.dir) / "ms-model_1.json")
+    meta = read_json(Path(cfg.ingredients.dir) / "model_1.json")
     assert meta["source"].endswith("model_1.pt") and 0 <= meta["heldout_acc"] <= 100
     # the uniform soup is the mean of the three imported ingredients
     soup = load_weights(Path(cfg.paths.run_dir) / "soups" / "uniform.safetensors")
@@ -92,22 +91,27 @@ def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagene
 
 
 def test_checkpoints_of_another_shape_or_not_checkpoints_are_named(clip_test_model, tmp_path):
+    from soupbench.backbones.source_keys import CLIP_TEXT_TOWER, SourceKeys
+    from soupbench.checkpoints import match_state, source_files
+    from soupbench.errors import ConfigError
+    from soupbench.importers import import_files
+
+    source = SourceKeys("open_clip", clip_test_model, ("classification_head",), CLIP_TEXT_TOWER)
     template = {"encoder.visual.conv1.weight": torch.zeros(64, 3, 8, 8), "head.weight": torch.zeros(1000, 32),
                 "head.bias": torch.zeros(1000)}
     wrong_head = {"model.visual.conv1.weight": torch.zeros(64, 3, 8, 8), "classification_head.weight":
                   torch.zeros(10, 32), "classification_head.bias": torch.zeros(10)}
-    with pytest.raises(CheckpointError, match="another class count"):
-        convert_model_soups_state(wrong_head, template, tmp_path / "m.pt")
-    with pytest.raises(CheckpointError, match="missing"):
-        convert_model_soups_state({"visual.conv1.weight": torch.zeros(1)}, template, tmp_path / "m.pt")
-    from soupbench.importers import import_model_soups
-
+    with pytest.raises(CheckpointError, match="another number of classes"):
+        match_state(wrong_head, template, source, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="do not match the backbone's"):
+        match_state({"visual.conv2.weight": torch.zeros(1)}, template, source, tmp_path / "m.pt")
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "model_0.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="model_0.pt: cannot read checkpoint"):
-        import_model_soups(tmp_path / "src", tmp_path / "dst", template, lambda s, fp: 0.0)
-    with pytest.raises(CheckpointError, match="no \\*.pt checkpoints"):
-        import_model_soups(tmp_path / "empty", tmp_path / "dst", template, lambda s, fp: 0.0)
+        import_files(source_files(tmp_path / "src"), tmp_path / "dst", template, source, "", lambda s, fp: 0.0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="ingredients.from_files: .*empty: no checkpoints there"):
+        source_files(tmp_path / "empty")
 
 
 def test_import_needs_the_ingredients_own_heldout(imagenet_tree, clip_test_model, tmp_path):
@@ -121,7 +125,7 @@ def test_import_needs_the_ingredients_own_heldout(imagenet_tree, clip_test_model
     with pytest.raises(ConfigError, match="dataset.heldout_index=.*allow_foreign_heldout"):
         Run(cfg)
     cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model, "dataset.heldout_index=null",
-                    "finetune.allow_foreign_heldout=true")
+                    "ingredients.allow_foreign_heldout=true")
     run_ = Run(cfg)
     assert run_.warnings and "overlaps their training data" in run_.warnings[0]
     assert run_.data.heldout_source.startswith("hash:")

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from soupbench.backbones.source_keys import SourceKeys
+
 
 class Classifier(nn.Module):
     """encoder + linear head, taking uint8 images (N, 3, H, W).
@@ -24,6 +26,9 @@ class Classifier(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
         self.feature_dim = feature_dim
         self.num_classes = num_classes
+        # the library's names for these tensors (set by the backbone factory): reading other code's checkpoints
+        # as ingredients and writing soups back in the library's format (soupbench.checkpoints, .export)
+        self.source_keys: SourceKeys | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.pixel_mean) / self.pixel_std

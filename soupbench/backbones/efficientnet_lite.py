@@ -12,6 +12,7 @@ import timm
 import torch
 
 from soupbench.backbones.classifier import Classifier
+from soupbench.backbones.source_keys import SourceKeys
 from soupbench.errors import CheckpointError, ConfigError
 
 VARIANTS = ("lite0", "lite1", "lite2", "lite3", "lite4")
@@ -64,4 +65,8 @@ def create(variant: str, weights: str | None, num_classes: int, mean: Sequence[f
         net.load_state_dict(convert_wheel_state_dict(src, net.state_dict()))
     feature_dim = net.num_features
     net.reset_classifier(0)
-    return Classifier(net, feature_dim, num_classes, mean, std).to(device)
+    model = Classifier(net, feature_dim, num_classes, mean, std)
+    # ingredients and exported soups use timm's tf_efficientnet_<variant> names (classifier: `classifier`)
+    model.source_keys = SourceKeys("timm", f"tf_efficientnet_{variant}", ("classifier",), mean=tuple(mean),
+                                   std=tuple(std))
+    return model.to(device)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from soupbench.backbones.classifier import Classifier
+from soupbench.backbones.source_keys import CLIP_TEXT_TOWER, SourceKeys
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import hash_settings, load_weights, save_weights
 
@@ -93,6 +94,10 @@ def create(model_name: str, pretrained: str | None, num_classes: int, mean: Sequ
     clip = load_clip(model_name, pretrained)
     embed_dim = clip.visual.output_dim
     model = Classifier(NormalizedImageTower(clip.visual), embed_dim, num_classes, mean, std)
+    # open_clip names the image tower visual.*; model-soups and WiSE-FT checkpoints call the head
+    # classification_head (and wrap the CLIP model as model.*, which import strips)
+    model.source_keys = SourceKeys("open_clip", model_name, ("classification_head",), CLIP_TEXT_TOWER,
+                                   tuple(mean), tuple(std), extra={"pretrained": pretrained})
     if not zero_shot_head:
         return model.to(device)
     if not class_names or len(class_names) != num_classes:

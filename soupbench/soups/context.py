@@ -39,6 +39,28 @@ class SoupContext:
     # a soup built before this one in the same run (soup=[...] order), by name: members and weights (CPU);
     # the pipeline records which ones a soup used and rebuilds it when they change
     earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups
+    # why `base` is not the start the ingredients were fine-tuned from (None: it is, or nothing says otherwise)
+    start_problem: str | None = None
+    # the held-out selection score of a method's candidates, (scores (N, C), labels (N,)) -> higher is better;
+    # None: top-1 accuracy in percent
+    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None
+
+    def start_weights(self, setting: str) -> dict[str, torch.Tensor]:
+        """θ0 for a method that builds on it (WiSE-FT, Model Stock, learned soups centred on the start): stops
+        with one line naming the method's `setting` when the ingredients were not fine-tuned from it."""
+        if self.start_problem is not None:
+            from soupbench.errors import ConfigError
+
+            raise ConfigError(f"{setting} builds on the start θ0, but {self.start_problem}")
+        return self.base
+
+    def heldout_score(self, scores: torch.Tensor) -> float:
+        """The selection score of held-out scores (`metric`, top-1 accuracy in percent by default)."""
+        from soupbench.evaluate import accuracy
+
+        if self.metric is None:
+            return accuracy(scores, self.heldout)
+        return float(self.metric(scores, self.heldout.labels))
 
 
 @dataclass

@@ -9,7 +9,7 @@ reads one member, not all kept ones."""
 from __future__ import annotations
 
 from soupbench.errors import ConfigError
-from soupbench.evaluate import ENSEMBLE_COMBINE, accuracy, ensemble_term
+from soupbench.evaluate import ENSEMBLE_COMBINE, ensemble_term
 from soupbench.ingredients import sort_by_heldout
 from soupbench.soups.context import SoupContext, SoupResult
 
@@ -24,11 +24,11 @@ def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=", combine: s
         return SoupResult([g.id for g in order], None, {"combine": combine})
     members = [order[0]]
     total = ensemble_term(ctx.ingredient_scores(order[0], "heldout"), combine)     # running sum of kept outputs
-    best = accuracy(total, ctx.heldout)
+    best = ctx.heldout_score(total)
     path = [{"id": order[0].id, "ensemble_heldout_acc": best, "kept": True}]
     for g in order[1:]:
         cand = total + ensemble_term(ctx.ingredient_scores(g, "heldout"), combine)
-        acc = accuracy(cand, ctx.heldout)                  # argmax of the sum = argmax of the mean
+        acc = ctx.heldout_score(cand)                  # argmax of the sum = argmax of the mean
         kept = acc >= best if accept == ">=" else acc > best
         if kept:
             members.append(g)

@@ -11,7 +11,6 @@ import torch
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
-from soupbench.evaluate import accuracy
 from soupbench.ingredients import sort_by_heldout
 from soupbench.soups.averaging import is_averaged, stream_states
 from soupbench.soups.context import SoupContext, SoupResult
@@ -28,7 +27,7 @@ def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:
     total = {k: v.to(torch.float64) if is_averaged(v) else v for k, v in first_state.items()}
     members = [first.id]
     cached = ctx.ingredient_scores(first, "heldout")      # the pipeline has it already: no extra pass
-    best_acc = accuracy(cached, ctx.heldout) if cached is not None else ctx.heldout_accuracy(first_state)
+    best_acc = ctx.heldout_score(cached) if cached is not None else ctx.heldout_accuracy(first_state)
     path = [{"id": first.id, "ingredient_heldout_acc": first.heldout_acc, "soup_heldout_acc": best_acc,
              "kept": True, "time_s": 0.0}]
     start = time.perf_counter()

@@ -311,7 +311,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         if bi > 0:                                   # later blocks and passes move around the soup so far
             ref = to_device(soup, dev)
         elif centre == "base":
-            ref = to_device(ctx.base, dev)
+            ref = to_device(ctx.start_weights("centre=base"), dev)
         else:
             ref = None                               # first_block_mean
         centre_state, buffers, directions, norms = block_tensors(states, names, parameterisation, ref,

@@ -35,6 +35,7 @@ def interpolation_ratio(cos: float, k: int) -> float:
 
 
 def build(ctx: SoupContext) -> SoupResult:
+    base = ctx.start_weights("soup.model_stock")
     k = len(ctx.ingredients)
     total: dict[str, torch.Tensor] = {}          # Σ θ_i
     unit_sum: dict[str, torch.Tensor] = {}       # Σ τ_i / ||τ_i|| over the non-zero τ_i
@@ -46,7 +47,7 @@ def build(ctx: SoupContext) -> SoupResult:
             if not is_averaged(v):
                 continue
             v64 = v.double()
-            tau = v64 - ctx.base[name].double()
+            tau = v64 - base[name].double()
             norm = torch.linalg.vector_norm(tau)
             if name not in total:
                 total[name], unit_sum[name], nonzero[name] = v64.clone(), torch.zeros_like(v64), 0
@@ -74,7 +75,7 @@ def build(ctx: SoupContext) -> SoupResult:
             cos = min(max(cos, 0.0), 1.0)
             t = interpolation_ratio(cos, k)
         avg = total[name] / k
-        soup[name] = (t * avg + (1.0 - t) * ctx.base[name].double()).to(v.dtype)
+        soup[name] = (t * avg + (1.0 - t) * base[name].double()).to(v.dtype)
         per_tensor[name] = {"cos": cos, "t": t}
     ts = [p["t"] for p in per_tensor.values()]
     info = {"k": k, "per_tensor": per_tensor, "mean_t": sum(ts) / len(ts) if ts else None,

@@ -18,7 +18,6 @@ import torch
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
-from soupbench.evaluate import accuracy
 from soupbench.ingredients import sort_by_heldout
 from soupbench.soups.averaging import is_averaged
 from soupbench.soups.context import SoupContext, SoupResult
@@ -38,6 +37,7 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
     alphas = [float(a) for a in alphas]
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ConfigError(f"soup.wise_ft.alphas={alphas}: expected a non-empty list of values in [0, 1]")
+    base = ctx.start_weights("soup.wise_ft")
     target_logits = None
     if target == "best_individual":
         best = sort_by_heldout(ctx.ingredients)[0]
@@ -49,11 +49,11 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
     scores = []
     for a in tqdm(alphas, desc="wise-ft alphas", disable=not ctx.progress, leave=False):
         if a == 1.0 and target_logits is not None:
-            acc = accuracy(target_logits, ctx.heldout)
+            acc = ctx.heldout_score(target_logits)
         else:
-            acc = ctx.heldout_accuracy(interpolate(ctx.base, theta, a))
+            acc = ctx.heldout_accuracy(interpolate(base, theta, a))
         scores.append({"alpha": a, "heldout_acc": acc})
     chosen = max(scores, key=lambda s: (s["heldout_acc"], -s["alpha"]))
-    return SoupResult(members, interpolate(ctx.base, theta, chosen["alpha"]),
+    return SoupResult(members, interpolate(base, theta, chosen["alpha"]),
                       {"target": target, "alpha": chosen["alpha"], "heldout_acc": chosen["heldout_acc"],
                        "heldout_by_alpha": scores})

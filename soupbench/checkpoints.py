@@ -1,0 +1,326 @@
+"""Other code's checkpoints as tensors in soupbench's names: the reading half of "bring your own models".
+
+`source_files` expands a folder, a glob or a list into checkpoint paths; `read_checkpoint` reads one file or
+model folder into a flat state dict, whatever wrote it; `match_state` maps its key names onto a backbone's
+(`Classifier`) and checks every tensor. Formats, detected from the file or named (`format`):
+
+- `state_dict`: a plain state dict (`.pt/.pth/.bin` via `torch.save`, or `.safetensors`), e.g. timm's
+  `avg_checkpoints.py`, `torch.save(model.state_dict())` under DDP (`module.`) or `torch.compile` (`_orig_mod.`).
+- `timm`: timm `train.py` checkpoints: `state_dict`, or `state_dict_ema` with `ema=True`.
+- `lightning`: PyTorch Lightning `.ckpt`: `state_dict`, the model under its attribute name (`model.`, `net.`).
+- `open_clip`: open_clip training checkpoints (`state_dict` with `module.` under DDP; the text tower is dropped).
+- `huggingface`: a folder with `model.safetensors` or `pytorch_model.bin`, or their sharded `*.index.json`.
+- `model_soups`: the model-soups release (`model.visual.*` + `classification_head.*`).
+
+Only tensors are read: safetensors, or `torch.load(weights_only=True)`, which also accepts the plain records
+timm and Lightning keep beside the weights (argparse namespaces, numpy scalars). A file that needs general
+unpickling (a whole pickled `nn.Module`) is refused with the one line that converts it.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from soupbench.backbones.source_keys import SourceKeys
+from soupbench.errors import CheckpointError, ConfigError
+
+FORMATS = ("auto", "state_dict", "timm", "lightning", "open_clip", "huggingface", "model_soups")
+SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")     # .tar: timm train.py's model_best.pth.tar
+# a model folder, in the order they are looked for (safetensors first, as Hugging Face does)
+FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# where training scripts nest the weights inside a checkpoint dict, in the order they are tried
+NESTED = ("state_dict", "model", "module", "model_state_dict", "net")
+
+
+def natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in FOLDER_FILES)
+
+
+def source_files(spec: str | Path | Sequence[str | Path], setting: str = "ingredients.from_files") -> list[Path]:
+    """Checkpoint paths named by `spec`: a file, a model folder, a folder of checkpoints (files with a
+    checkpoint suffix and model folders inside it, not recursing further), a glob, or a list of any of these.
+    Sorted by name with numbers by value (model_2 before model_10); duplicates once. Raises ConfigError
+    naming `setting` when a part names nothing."""
+    parts = [spec] if isinstance(spec, str | Path) else list(spec)
+    out: list[Path] = []
+    for part in parts:
+        text = str(part)
+        path = Path(text).expanduser()
+        if any(c in text for c in "*?["):
+            found = [Path(p) for p in globlib.glob(str(path), recursive=True)]
+            found = [p for p in found if p.is_file() or is_model_folder(p)]
+        elif is_model_folder(path) or path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = [p for p in path.iterdir()
+                     if (p.is_file() and p.suffix in SUFFIXES and not p.name.startswith(".")) or is_model_folder(p)]
+        else:
+            raise ConfigError(f"{setting}: {text}: no such file or folder")
+        if not found:
+            raise ConfigError(f"{setting}: {text}: no checkpoints there (files ending in {', '.join(SUFFIXES)} "
+                              f"or folders holding {FOLDER_FILES[0]} / {FOLDER_FILES[2]})")
+        out.extend(sorted(found, key=lambda p: natural_key(str(p))))
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load with weights_only=True, plus the plain records training scripts store beside the weights:
+    timm's train.py keeps its argparse Namespace, others numpy scalars (data only, never code)."""
+    import argparse
+
+    import numpy as np
+
+    safe = [argparse.Namespace, np.dtype, np.core.multiarray.scalar]
+    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    try:
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)      # an object weights_only may not build: code, not data
+        if found:
+            raise CheckpointError(
+                f"{path}: needs unpickling to read ({found.group(1)}), and soupbench loads only tensors; convert it "
+                "where it was written, from a file you trust: torch.save(torch.load(path, weights_only=False)"
+                ".state_dict(), 'weights.pt') for a pickled module") from e
+        reason = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        reason = reason.group(1).strip() if reason else text.strip().splitlines()[0]
+        raise CheckpointError(f"{path}: cannot read checkpoint (not a torch.save file, or truncated: "
+                              f"{type(e).__name__}: {reason})") from e
+
+
+def _load_file(path: Path) -> object:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    return _torch_load(path)
+
+
+def _read_folder(path: Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face-style model folder: one weights file, or shards listed in an index JSON's weight_map."""
+    for name in FOLDER_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(f.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{f}: not a sharded-checkpoint index (no weight_map): {e}") from e
+            out: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values()), key=natural_key):
+                part = _load_file(path / shard)
+                if not isinstance(part, Mapping):
+                    raise CheckpointError(f"{path / shard}: a shard should hold a state dict")
+                out.update(part)
+            missing = sorted(set(weight_map) - set(out))
+            if missing:
+                raise CheckpointError(f"{f}: {len(missing)} tensors listed in weight_map are in no shard, "
+                                      f"e.g. {missing[:3]}")
+            return out
+        loaded = _load_file(f)
+        if not isinstance(loaded, Mapping):
+            raise CheckpointError(f"{f}: expected a state dict, found {type(loaded).__name__}")
+        return dict(loaded)
+    raise CheckpointError(f"{path}: a folder without {' or '.join(FOLDER_FILES)}")
+
+
+def _is_state(obj: object) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def unwrap(obj: object, path: Path, fmt: str = "auto", ema: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict inside a loaded checkpoint and the format it was found in. `ema`: timm's
+    `state_dict_ema` (an error when the file has none)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict or a checkpoint dict, found {type(obj).__name__}")
+    if ema:
+        if not _is_state(obj.get("state_dict_ema")):
+            raise CheckpointError(f"{path}: ingredients.ema=true but the file has no state_dict_ema "
+                                  f"(keys: {sorted(map(str, obj))[:6]})")
+        return dict(obj["state_dict_ema"]), "timm"
+    if _is_state(obj):
+        return dict(obj), ("model_soups" if any(k.startswith("classification_head.") for k in obj)
+                           and any(k.startswith("model.visual.") for k in obj) else "state_dict")
+    for key in NESTED:
+        if _is_state(obj.get(key)):
+            if any("lightning" in str(k) for k in obj):
+                kind = "lightning"
+            elif "arch" in obj or "state_dict_ema" in obj:
+                kind = "timm"
+            elif "name" in obj and "epoch" in obj:
+                kind = "open_clip"
+            else:
+                kind = "state_dict"
+            return dict(obj[key]), kind
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    raise CheckpointError(f"{path}: no state dict found (top-level keys {sorted(map(str, obj))[:6]}; looked in "
+                          f"{', '.join(NESTED)}{'; ' + str(len(tensors)) + ' loose tensors' if tensors else ''})")
+
+
+def read_checkpoint(path: str | Path, fmt: str = "auto", ema: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict]:
+    """One checkpoint file or model folder -> (flat state dict in the file's own key names, info). `fmt`
+    names the expected format (one of FORMATS): a file of another detected format is refused."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"ingredients.format={fmt!r}: expected one of {FORMATS}")
+    path = Path(path)
+    if path.is_dir():
+        state, kind = _read_folder(path), "huggingface"
+    elif path.is_file():
+        state, kind = unwrap(_load_file(path), path, fmt, ema)
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    compatible = {"auto": {kind}, "state_dict": {"state_dict", "model_soups"}, "timm": {"timm", "state_dict"},
+                  "open_clip": {"open_clip", "state_dict"}, "model_soups": {"model_soups"},
+                  "lightning": {"lightning"}, "huggingface": {"huggingface"}}[fmt]
+    if kind not in compatible:
+        raise CheckpointError(f"{path}: ingredients.format={fmt} but this looks like a {kind} checkpoint "
+                              "(ingredients.format=auto detects it)")
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
+    return state, {"format": kind, "dtypes": dtypes, "num_tensors": len(state)}
+
+
+# ---------------------------------------------------------------------------------------------- key matching
+def apply_key_map(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
+    """Each key through every (regex pattern -> replacement) of `key_map`, in order (`re.sub`); a key mapped to
+    the empty string is dropped."""
+    if not key_map:
+        return dict(state)
+    try:
+        rules = [(re.compile(p), r) for p, r in key_map.items()]
+    except re.error as e:
+        raise ConfigError(f"ingredients.key_map: {e}") from e
+    out = {}
+    for k, v in state.items():
+        for pattern, repl in rules:
+            k = pattern.sub(repl, k)
+        if k:
+            out[k] = v
+    return out
+
+
+def _prefix_candidates(keys: Sequence[str], anchor: str) -> list[str]:
+    """Prefixes p such that p + anchor is a key: where the backbone's first tensor sits in the file."""
+    return sorted({k[: len(k) - len(anchor)] for k in keys if k.endswith(anchor)}, key=len)
+
+
+def match_state(raw: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor], source: SourceKeys | None,
+                path: Path, key_map: Mapping[str, str] | None = None, optional_head: bool = True
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's tensors -> the template's names (soupbench's `encoder.*`/`head.*`), dtypes and order.
+
+    Keys are first passed through `key_map`. The file may use the library's names (`source`) or soupbench's
+    own, under any one prefix (`module.`, `_orig_mod.`, `model.`, or several nested): the prefix is stripped when
+    that makes the file's tensors match the backbone's exactly; two prefixes that both match are ambiguous. The
+    head is read from the file when it is there (under the prefix or at the top level: model-soups keeps
+    `classification_head` beside `model.`); a file without one gets the template's head (the start's), recorded
+    in `info["head"]`. Tensors under the prefix that the backbone lacks are an error, except those `source`
+    ignores (CLIP's text tower); tensors outside the prefix (a Lightning module's loss buffers) are dropped.
+    Floating-point tensors are cast to the template's dtype (recorded in `info["cast_from"]`).
+    `optional_head=False` (a plain template such as a user's own module): every tensor must be in the file."""
+    keys = list(apply_key_map(raw, key_map).items())
+    state = dict(keys)
+    names = {"soupbench": {k: k for k in template}}
+    if source is not None:
+        names[source.library] = {source.to_source(k): k for k in template}
+    head_keys = [k for k in template if k.startswith("head.")] if optional_head else []
+    encoder_keys = [k for k in template if k not in head_keys]
+    found = []
+    for naming, to_ours in names.items():
+        ours_to = {v: k for k, v in to_ours.items()}
+        anchor = ours_to[encoder_keys[0]]
+        for prefix in _prefix_candidates(list(state), anchor):
+            stripped = {k[len(prefix):]: k for k in state if k.startswith(prefix)}
+            if all(ours_to[e] in stripped for e in encoder_keys):
+                reading = {stripped[ours_to[e]]: e for e in encoder_keys}
+                if all(r != reading for *_, r in found):       # soupbench's names under `encoder.` read the same
+                    found.append((naming, prefix, stripped, to_ours, reading))
+    if not found:
+        raise CheckpointError(_mismatch_message(path, list(state), [names[n] for n in names][-1], encoder_keys))
+    if len(found) > 1:
+        shown = ", ".join(f"'{p}' ({n} names)" for n, p, *_ in found)
+        raise CheckpointError(f"{path}: ambiguous: the backbone's tensors are there under several prefixes ({shown}); "
+                              "choose one with ingredients.key_map, e.g. {'^ema_model\\.': ''} to drop a copy")
+    naming, prefix, stripped, to_ours, _ = found[0]
+    out: dict[str, torch.Tensor] = {}
+    extra = []
+    for name, full in stripped.items():
+        if name in to_ours:
+            out[to_ours[name]] = state[full]
+        elif not (source is not None and source.ignored(name)) and not _is_head_alias(name, source):
+            extra.append(full)
+    if extra:
+        raise CheckpointError(f"{path}: {len(extra)} tensors the backbone does not have, e.g. {extra[:3]} "
+                              f"(another architecture? drop them with ingredients.key_map, e.g. "
+                              f"{{'^{re.escape(extra[0].rsplit('.', 1)[0])}\\.': ''}})")
+    head = _find_head(state, prefix, source, head_keys, path) if head_keys else {}
+    info: dict = {"key_names": naming, "prefix": prefix, "dropped_outside_prefix":
+                  sum(1 for k in state if not k.startswith(prefix))}
+    if head:
+        out.update(head)
+    info["head"] = "file" if head or not head_keys else "start"
+    cast = set()
+    for k, v in template.items():
+        if k not in out:
+            out[k] = v.detach().clone().cpu()
+            continue
+        if tuple(out[k].shape) != tuple(v.shape):
+            hint = " (trained for another number of classes)" if k.startswith("head.") else " (another architecture?)"
+            raise CheckpointError(f"{path}: '{k}' has shape {tuple(out[k].shape)}, the backbone's is "
+                                  f"{tuple(v.shape)}{hint}")
+        if out[k].is_floating_point() and out[k].dtype != v.dtype:
+            cast.add(str(out[k].dtype).removeprefix("torch."))
+            out[k] = out[k].to(v.dtype)
+    if cast:
+        info["cast_from"] = sorted(cast)
+    return {k: out[k] for k in template}, info
+
+
+def _is_head_alias(name: str, source: SourceKeys | None) -> bool:
+    heads = source.head_candidates() if source is not None else ["head"]
+    return any(name.startswith(h + ".") for h in heads)
+
+
+def _find_head(state: Mapping[str, torch.Tensor], prefix: str, source: SourceKeys | None, wanted: list[str],
+               path: Path) -> dict[str, torch.Tensor]:
+    """head.weight/bias (`wanted`) from the file: under the prefix first, then at the top level; none: {}."""
+    heads = source.head_candidates() if source is not None else ["head"]
+    for p in dict.fromkeys((prefix, "")):
+        for h in heads:
+            names = {k: f"{p}{h}.{k.removeprefix('head.')}" for k in wanted}
+            present = [n for n in names.values() if n in state]
+            if len(present) == len(wanted):
+                return {k: state[n] for k, n in names.items()}
+            if present:
+                raise CheckpointError(f"{path}: head incomplete: has {present} but not "
+                                      f"{sorted(set(names.values()) - set(present))}")
+    return {}
+
+
+def _mismatch_message(path: Path, file_keys: list[str], expected: Mapping[str, str], encoder_keys: list[str]) -> str:
+    want = [s for s, o in expected.items() if o in encoder_keys]
+    unmatched_file = [k for k in file_keys if not any(k.endswith(w) for w in want)][:3]
+    unmatched_want = [w for w in want if not any(k.endswith(w) for k in file_keys)][:3]
+    return (f"{path}: its tensor names do not match the backbone's: first in the file that match nothing "
+            f"{unmatched_file or file_keys[:3]}, first of the backbone's not found {unmatched_want or want[:3]} "
+            f"({len(file_keys)} tensors in the file, {len(encoder_keys)} in the backbone's encoder); another "
+            "architecture, or rename with ingredients.key_map (regex -> replacement)")
