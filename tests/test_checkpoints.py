@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 import pytest
 import timm
@@ -21,7 +20,7 @@ from soupbench.errors import CheckpointError, ConfigError
 from soupbench.export import export_soup
 from soupbench.importers import check_start, import_files, read_weights
 
-ARCH = "test_convnext"          # timm's tiny ConvNeXt: its head holds a norm (head.norm) beside the classifier (head.fc)
+ARCH = "test_convnext"      # timm's tiny ConvNeXt: its head holds a norm (head.norm) beside the classifier (head.fc)
 
 
 def classifier(num_classes: int = 3, seed: int = 0, mean=None, std=None):
