@@ -141,7 +141,7 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
     names = _unique_names(items)
     x, y = heldout_tensors(heldout)
     x_dev, y_dev = (x.to(dev), y.to(dev)) if dev.type == "cuda" else (x, y)
-    split = Split("heldout", x_dev, y_dev)
+    split = Split("heldout", x_dev, y_dev, model_inputs=True)
     base = template if start is None else _state_of(start, template, key_map, ema, "start")
     scores: dict[str, torch.Tensor] = {}
 

@@ -32,6 +32,10 @@ def _task(cfg) -> None:
 
 
 def main() -> None:
+    # the folder soupbench runs in is importable (as for `python -m`), so a soup method of one's own beside its
+    # YAML (`soupbench -cd my_methods`, `_target_: my_soup.build`) is found
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if not (CONFIG_DIR / "config.yaml").is_file():
         sys.exit(f"soupbench: error: config directory not found at {CONFIG_DIR}: this installation lacks its "
                  "configs (a wheel ships them as soupbench/conf, a checkout has conf/)")

@@ -25,6 +25,8 @@ class Split:
     `images` may be a `MappedRows` (a decoded cache on disk, read by batch) instead of an in-memory tensor.
     `files`: a split too large for memory (ImageNet train) holds its image files instead of `images` (None);
     fine-tuning and the linear probe stream them (soupbench.data.streaming).
+    `model_inputs`: `images` are the model's own inputs, of any dtype and shape (the Python API's held-out
+    data, fed to the user's model as the DataLoader gave them), not uint8 pixels.
     """
 
     name: str
@@ -32,13 +34,15 @@ class Split:
     labels: torch.Tensor
     class_groups: list[list[int]] | None = None
     files: list[Path] | None = None
+    model_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.images is None:
             if self.files is None or len(self.files) != len(self.labels):
                 raise ValueError(f"split {self.name}: without images it needs one file per label")
             return
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+        if not self.model_inputs and (self.images.dtype != torch.uint8 or self.images.ndim != 4
+                                      or self.images.shape[1] != 3):
             raise ValueError(f"split {self.name}: images must be uint8 (N, 3, H, W), got "
                              f"{self.images.dtype} {tuple(self.images.shape)}")
         if len(self.images) != len(self.labels):
