@@ -79,7 +79,8 @@ def test_paper_presets_carry_the_paper_settings_and_only_their_soups(tmp_path):
     table = compose_cfg(["experiment=imagenet_vit_b32"], tmp_path)
     assert table.backbone.model_name == "ViT-B-32-quickgelu" and table.dataset._target_.endswith("imagenet.load")
     assert table.soup.mehl_plus.block_size == 18 and table.soup.mehl_plus.epochs == 5
-    assert table.soup.greedy.accept == ">" and table.finetune.linear_probe.max_iter == 0
+    assert table.soup.greedy.accept == ">" and table.ingredients.format == "model_soups"
+    assert table.ingredients.start.endswith("/model_0.pt")          # θ0: the release's LP initialization
     assert len(selected_soups(table)) == 12
     topk = compose_cfg(["experiment=mehl_ablation_topk"], tmp_path)
     assert list(selected_soups(topk)) == ["greedy", "mehl_plus"]        # the table's other settings are inert

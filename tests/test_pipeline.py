@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from soupbench.errors import CheckpointError, DataError
+from soupbench.errors import CheckpointError, ConfigError, DataError
 from soupbench.io import load_weights, read_json, save_weights
 from soupbench.pipeline import run
 from tests.helpers import compose_cfg, copy_of_run
@@ -164,3 +164,14 @@ def test_max_train_images_is_a_seeded_sample_of_every_class_and_changes_the_ids(
     assert len(train.labels.unique()) > len(full.data.train.labels[:30].unique())    # the first 30: few classes
     assert torch.equal(train.labels, capped.train_split().labels)                     # seeded
     assert {g for g, _, _ in full.planned_ingredients()}.isdisjoint(g for g, _, _ in capped.planned_ingredients())
+
+
+def test_reusing_ingredients_under_another_start_stops_naming_the_settings(tiny_run, tmp_path):
+    """A rerun whose linear probe differs (another weight decay) would build WiSE-FT and Model Stock on a start
+    the stored ingredients never had: it stops, naming what changed, and the ingredients and soups are kept."""
+    run_dir = copy_of_run(tiny_run, tmp_path)
+    before = {p: b for p, b in snapshot(run_dir).items() if p.parent.name in ("ingredients", "soups")}
+    with pytest.raises(ConfigError, match=r"fine-tuned from another start .*finetune.linear_probe"):
+        run(compose_cfg(["experiment=tiny", "logger=none", "stages=[soup,evaluate,report]", "soup=[wise_ft]",
+                         "finetune.linear_probe.weight_decay=0.5"], tmp_path))
+    assert {p: b for p, b in snapshot(run_dir).items() if p in before} == before
