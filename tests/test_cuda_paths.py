@@ -120,9 +120,15 @@ def test_finetuning_steps_on_the_device(monkeypatch):
     settings = TrainSettings(batch_size=8, warmup_frac=0.1, max_grad_norm=1.0, freeze_bn=True, image_size=8,
                              log_every=2)
     hp = {"lr": 1e-3, "weight_decay": 0.1, "epochs": 1, "label_smoothing": 0.1}
+    from soupbench import finetune as finetune_module
+    from soupbench.runtime import autocast, use_bf16
+
+    asked = []
+    monkeypatch.setattr(finetune_module, "autocast", lambda *a: asked.append(a) or autocast(*a))
     with fake_cuda(monkeypatch, reads_as=lambda t: False if t.dtype == torch.bool else 0.5) as fc:
         model = cuda_model(fc)
         stats = finetune(model, start, train, hp, 0, settings, CUDA)
+        assert len(asked) == 3 and all(use_bf16(*a, "auto") for a in asked)   # bf16 on a GPU, as documented
         assert stats["steps"] == 3 and on_cuda(model)
         # from the device: the loss sum after steps 2 and 3, the NaN flag, the tail loss; the rest are the
         # host's (the loader's seed and labels, AdamW's step count)
@@ -268,3 +274,37 @@ def test_bn_reestimation_on_the_device(monkeypatch):
         new = recalibrate_batchnorm(model, state, images, 8, CUDA)
         assert all(v.device.type == "cpu" for v in new.values()) and set(new) == set(state)
         assert on_cuda(model) and all(d.type == "cuda" for _, d in fc.reads)
+
+
+# ------------------------------------------------------------------------------------------------ a real GPU
+# (`pytest -m cuda`, run by experiments/gpu_check.py; skipped without a GPU)
+
+
+@pytest.mark.cuda
+def test_evaluator_on_a_gpu_matches_the_cpu():
+    """The evaluator's batch path on a real GPU in fp32, images resident: the CPU's scores (fp16-rounded)."""
+    split = random_split(40, size=8)
+    data = DataBundle(["a", "b", "c"], split, split, split)
+    state = tiny_model(seed=2).state_dict()
+    cpu = Evaluator(tiny_model(), data, None, "k", 16, torch.device("cpu"), precision="fp32")
+    gpu = Evaluator(tiny_model(), data, None, "k", 16, CUDA, images_on_device="all", precision="fp32")
+    torch.testing.assert_close(gpu.scores(state, "heldout", cache=False).float(),
+                               cpu.scores(state, "heldout", cache=False).float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.cuda
+def test_tiny_run_on_a_gpu(tmp_path):
+    """The `tiny` preset end to end on a GPU with every stage the FakeTensorMode tests cover: linear probe,
+    fine-tuning, evaluation with the images resident, greedy, learned soup+ and MEHL-Soup+, BN re-estimation."""
+    from soupbench.pipeline import run
+    from tests.helpers import compose_cfg
+
+    soups = "soup=[best_individual,uniform,greedy,learned_plus,mehl_plus,ensemble]"
+    cfg = compose_cfg(["experiment=tiny", "logger=none", "device=cuda", soups, "eval.images_on_device=all",
+                       "bn_recalibration.enabled=true", "bn_recalibration.num_images=64"], tmp_path)
+    results = run(cfg)
+    assert results["runtime"]["device"].startswith("cuda")
+    assert list(results["methods"]) == ["best_individual", "uniform", "greedy", "learned_plus", "mehl_plus",
+                                        "ensemble"]
+    for m in results["methods"].values():
+        assert 0.0 <= m["test"] <= 100.0
