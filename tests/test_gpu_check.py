@@ -38,7 +38,7 @@ def test_the_pacs_step_composes_and_validates(plan, tmp_path):
 @pytest.mark.slow
 def test_the_dry_run_runs_end_to_end(tmp_path, pacs_root):
     """`gpu_check.py --cpu-dry-run`: the cuda tests (skipped here), the benchmark and the PACS table, shrunk, on
-    the CPU. About 3.5 minutes on 2 shared cores (PACS is decoded once, 10k JPEGs), so it is marked slow."""
+    the CPU. 4 min 42 s on a fresh clone, 2 shared cores (mostly the benchmark), so it is marked slow."""
     r = subprocess.run([sys.executable, "experiments/gpu_check.py", "--cpu-dry-run", "--out-dir", str(tmp_path),
                         "--pacs", str(pacs_root)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
