@@ -22,13 +22,15 @@ cannot do, each patch for one reason:
 - `torch.cuda.synchronize`, `current_stream(...).synchronize()`, `reset_peak_memory_stats` and `max_memory_allocated`
   (no-ops / 0, counted in `syncs`): they talk to a driver. `torch.cuda.is_available()` stays False: the mode
   itself asks it (True makes it initialise a real CUDA context); soupbench's stages branch on `device.type`.
-- `soupbench.io.load_file` (safetensors) runs outside the mode: it builds real host tensors on memory it
-  reads from the file, which fake tensors cannot hold; what follows (the copy to the device) runs inside.
+- `soupbench.io.load_file` (safetensors) and the row reads of `soupbench.rowfile.MappedRows` (mapped image
+  and score files) run outside the mode: they fill real host tensors from a file, which fake tensors cannot
+  hold; what follows (pinning, the copy to the device) runs inside.
 - `ThreadPoolExecutor` in `soupbench.soups.averaging` and `soupbench.evaluate` runs each task at `submit`:
   dispatch modes are per thread, so work handed to a loader thread would escape the mode and try a real GPU.
 
 The autocast of CUDA is not faked: `torch.autocast("cuda")` needs a driver (it disables itself with a warning
-here), so the dtype soupbench asks for is tested by reading the autocast object (`tests/test_cuda_paths.py`).
+here), so the dtype soupbench asks for is tested by recording the arguments it passes to `torch.autocast`
+(`tests/test_cuda_paths.py`).
 A module is best built outside the mode (real CPU weights, as read from a checkpoint) and moved inside; one
 built inside works too (the swap patch).
 """
@@ -180,6 +182,15 @@ def fake_cuda(monkeypatch, reads_as: Any = ReadBack) -> Iterator[FakeCuda]:
             return read_file(*args, **kwargs)
 
     monkeypatch.setattr(soupbench.io, "load_file", load_file)
+    from soupbench.rowfile import MappedRows
+
+    getitem = MappedRows.__getitem__
+
+    def read_rows(self: MappedRows, key: Any) -> torch.Tensor:
+        with unset_fake_temporarily():
+            return getitem(self, key)
+
+    monkeypatch.setattr(MappedRows, "__getitem__", read_rows)
 
     monkeypatch.setattr(soupbench.soups.averaging, "ThreadPoolExecutor", InlineExecutor)
     monkeypatch.setattr(soupbench.evaluate, "ThreadPoolExecutor", InlineExecutor)

@@ -157,6 +157,27 @@ def test_evaluator_batches_on_the_device(resident, monkeypatch):
         assert fc.reads and all(d.type == "cpu" for _, d in fc.reads)    # the one read is of host scores
 
 
+@pytest.mark.parametrize("resident", ["none", "heldout"])
+def test_evaluator_reads_mapped_images_through_pinned_memory(resident, monkeypatch, tmp_path):
+    """Images in a mapped file (the decoded caches of large splits): each batch read on the host (in a loader
+    thread, run inline here), pinned, then copied to the device; or read whole and kept on the device."""
+    from soupbench.data import Split
+    from soupbench.rowfile import MappedRows, write_rows
+
+    images = random_split(20, size=8).images
+    write_rows(tmp_path / "images.safetensors", "images", tuple(images.shape), torch.uint8, [images])
+    split = Split("heldout", MappedRows(tmp_path / "images.safetensors", "images"), random_split(20).labels)
+    data = DataBundle(["a", "b", "c"], split, split, split)
+    state = tiny_model(seed=2).state_dict()
+    with fake_cuda(monkeypatch) as fc:
+        ev = Evaluator(cuda_model(fc), data, None, "k", 8, CUDA, images_on_device=resident)
+        scores = ev.scores(state, "heldout", cache=False)
+        assert scores.device.type == "cpu" and scores.shape == (20, 3)
+        pinned_batches = fc.pinned - len(state)
+        assert pinned_batches == (3 if resident == "none" else 0)         # 20 images, batches of 8
+        assert (ev.images("heldout").device.type == "cuda") == (resident == "heldout") and not fc.reads
+
+
 # ------------------------------------------------------------------------------------------------ soups
 
 
