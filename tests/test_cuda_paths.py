@@ -226,6 +226,7 @@ def test_greedy_candidates_are_scored_on_the_device(monkeypatch, tmp_path):
         assert len(result.info["path"]) == 3
         assert all(v.device.type == "cpu" for v in result.state.values())
         assert {d.type for k, d in fc.reads if k == "item"} == {"cpu"}         # accuracies of host scores
+        assert [k for k, d in fc.reads if d.type == "cuda"] == ["bool"] * 3    # the loads' finite checks only
 
 
 @pytest.mark.parametrize("kw", [dict(parameterisation="affine", granularity="layer", block_size=2, num_passes=1),
@@ -252,7 +253,13 @@ def test_learned_soup_on_the_device(kw, monkeypatch, tmp_path):
         result = learned.build(ctx, epochs=2, batch_size=8, val_fraction=0.25, **kw)
         assert saved and all(saved)
         assert all(v.device.type == "cpu" for v in result.state.values())
-        assert {d.type for k, d in fc.reads if k in ("item", "tolist")} <= {"cuda", "cpu"}
+        # read from the device once per block (its losses) and once per epoch (the internal validation
+        # loss), the learned logit scale once per block; the finite checks of the loads: never per step
+        blocks = result.info["num_blocks"]
+        cuda_reads = [k for k, d in fc.reads if d.type == "cuda"]
+        assert cuda_reads.count("tolist") == blocks
+        assert cuda_reads.count("item") == blocks * 2 + (blocks if kw.get("logit_scale") == "learned" else 0)
+        assert cuda_reads.count("bool") == len(ingredients)
 
 
 def test_learned_inner_step_on_the_device(monkeypatch):
