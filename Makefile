@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test test-all lint bench
+.PHONY: setup run test test-all lint bench gpu-bundle gpu-check-dry
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,3 +33,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_soups.py $(ARGS)
+
+## copy the GPU machine's wheels and PACS into .gpu-bundle/ (git-ignored; the device tool's carry):
+## make gpu-bundle WHEELS=/path/to/wheels PACS=/path/to/pacs
+gpu-bundle:
+	test -n "$(WHEELS)" -a -n "$(PACS)" || { echo "usage: make gpu-bundle WHEELS=<wheels dir> PACS=<pacs dir>"; exit 2; }
+	python3 experiments/gpu_check.py --bundle $(WHEELS) $(PACS)
+
+## the GPU check end to end on the CPU, every size shrunk (PACS from $$SOUPBENCH_PACS or .gpu-bundle/pacs)
+gpu-check-dry: $(STAMP)
+	$(PY) experiments/gpu_check.py --cpu-dry-run $(ARGS)

@@ -352,12 +352,15 @@ def main() -> None:
         "setup_s": setup_s, "settings": {k: getattr(args, k) for k in PRESETS["cpu"]},
     }
 
+    out = args.out or args.workdir / f"bench_{args.preset}.json"
+
     def phase(name: str, fn) -> None:
         if name in args.skip:
             return
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         report[name] = fn()
         print(f"[bench] {name}: {json.dumps(report[name])}", file=sys.stderr, flush=True)
+        write_json(out, {**report, "complete": False})    # a run stopped by a time limit keeps its phases so far
 
     phase("load", lambda: bench_load(ings, pts, dev))
     phase("eval", lambda: bench_eval(args, model, heldout, loader))
@@ -372,7 +375,7 @@ def main() -> None:
     phase("learned_plus_all_k_step",
           lambda: bench_learned_step(args, model, ings, heldout, args.k, "simplex", False))
     report["host_peak_mb"] = host_peak_mb()
-    out = args.out or args.workdir / f"bench_{args.preset}.json"
+    report["complete"] = True
     write_json(out, report)
     print(json.dumps(report, indent=2))
     print(f"[bench] written to {out}", file=sys.stderr)

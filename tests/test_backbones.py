@@ -99,7 +99,7 @@ def test_zero_shot_head_is_encoded_on_the_given_device(clip_test_model, monkeypa
     assert model.head.weight.device.type == "cpu"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_zero_shot_head_on_a_gpu_matches_the_cpu(clip_test_model):
     kwargs = dict(num_classes=3, mean=[0.5] * 3, std=[0.5] * 3, zero_shot_head=True, templates=["a {}."],
                   cache_dir=None, class_names=["cat", "dog", "car"])

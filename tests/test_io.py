@@ -69,7 +69,7 @@ def test_loading_to_a_gpu_copies_from_pinned_memory_with_one_synchronisation(tmp
     assert copies == [True] * 5 and len(syncs) == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_loading_to_a_gpu_gives_the_same_tensors(tmp_path):
     path = tmp_path / "w.safetensors"
     ref = {"a": torch.randn(7, 3), "b": torch.arange(4)}

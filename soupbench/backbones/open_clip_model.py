@@ -70,14 +70,18 @@ def load_clip(model_name: str, pretrained: str | None) -> nn.Module:
 
 
 def zero_shot_weights(clip: nn.Module, model_name: str, class_names: Sequence[str], templates: list,
-                      batch_classes: int) -> torch.Tensor:
-    """(num_classes, embed_dim): normalised class embeddings averaged over templates, times exp(logit_scale)."""
+                      batch_classes: int, device: str | torch.device | None = None) -> torch.Tensor:
+    """(num_classes, embed_dim): normalised class embeddings averaged over templates, times exp(logit_scale),
+    encoded on `device` (default: where the tower is). open_clip's `build_zero_shot_classifier` puts the tokens
+    on its own `device` argument, the CPU unless given, whatever device the tower is on."""
     import open_clip
 
+    device = next(clip.parameters()).device if device is None else torch.device(device)
     tokenizer = open_clip.get_tokenizer(model_name)
     with torch.no_grad():
-        emb = open_clip.build_zero_shot_classifier(clip, tokenizer, list(class_names), templates,
-                                                   num_classes_per_batch=batch_classes, use_tqdm=False)
+        emb = open_clip.build_zero_shot_classifier(clip.to(device), tokenizer, list(class_names), templates,
+                                                   num_classes_per_batch=batch_classes, device=device,
+                                                   use_tqdm=False)
         return (clip.logit_scale.exp() * emb).t().contiguous().float()
 
 
@@ -110,7 +114,7 @@ def create(model_name: str, pretrained: str | None, num_classes: int, mean: Sequ
     if cache is not None and cache.is_file() and pretrained is not None:
         weight = load_weights(cache)["weight"]
     else:
-        weight = zero_shot_weights(clip.to(device), model_name, class_names, prompts, batch_classes).cpu()
+        weight = zero_shot_weights(clip.to(device), model_name, class_names, prompts, batch_classes, device).cpu()
         if cache is not None and pretrained is not None:      # random towers differ per seed: never cached
             save_weights(cache, {"weight": weight}, {"model": model_name, "pretrained": str(pretrained)})
     with torch.no_grad():
