@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as TF
 
 from soupbench.data import Split
+from soupbench.data.decoded_cache import clip_eval_transform
 from soupbench.errors import ConfigError, DataError
 
 AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip")
@@ -59,10 +60,11 @@ def _resized_crop(x: torch.Tensor, size: int, gen: torch.Generator, scale: tuple
 
 
 def _center(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the short side to `size` and centre-crop: the evaluation transform, for full-size files."""
+    """Resize the short side to `size` and centre-crop: the evaluation transform, for full-size files. The
+    same PIL path as the decoded caches (CLIP's Resize(bicubic) + CenterCrop, `clip_eval_transform`)."""
     if x.shape[-2:] == (size, size):
         return x
-    return TF.center_crop(TF.resize(x, size, antialias=True), [size, size])
+    return TF.pil_to_tensor(clip_eval_transform(TF.to_pil_image(x), size))
 
 
 def _rand_augment(spec: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
