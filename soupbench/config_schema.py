@@ -120,6 +120,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("finetune.max_grad_norm", float, ">=0", null=True),
     Rule("finetune.freeze_bn", bool),
     Rule("finetune.max_train_images", int, ">=1", null=True),
+    Rule("finetune.precision", str, ("auto", "bf16", "fp32")),
     # soup/ (one file per method: `*` is the method)
     Rule("soup.*._partial_", bool),
     Rule("soup.*.accept", str, (">=", ">")),

@@ -136,6 +136,8 @@ class Run:
         cfg = self.cfg
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
+        if cfg.finetune.precision != "auto":     # part of the key only when set, so earlier probes stay reusable
+            settings["precision"] = cfg.finetune.precision
         path, meta_path = self.layout.lp_weights, self.layout.lp_meta
         if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None:
             self.base = load_weights(path)
@@ -146,7 +148,8 @@ class Run:
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
-                             self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers)
+                             self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers,
+                             cfg.finetune.precision)
         self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.base_fp = fingerprint(self.base)
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
@@ -165,6 +168,8 @@ class Run:
             fixed["max_train_images"] = {"sample": ft.max_train_images, "seed": self.cfg.seed}
         else:
             fixed["max_train_images"] = None
+        if ft.precision != "auto":              # in the id only when set: ingredients trained before keep theirs
+            fixed["precision"] = ft.precision
         return [(ingredient_id(i, hp, self.cfg.seed + i, fixed), hp, self.cfg.seed + i)
                 for i, hp in enumerate(configs)]
 
@@ -207,7 +212,7 @@ class Run:
         ft = self.cfg.finetune
         settings = TrainSettings(ft.batch_size, ft.warmup_frac, ft.max_grad_norm, ft.freeze_bn,
                                  self.cfg.dataset.image_size, ft.warmup_steps, ft.workers, ft.checkpoint_every,
-                                 ft.log_every)
+                                 ft.log_every, ft.precision)
         checkpoint = self.ingredient_dir / "checkpoints" / f"{gid}.pt"
         t0 = time.perf_counter()
         stats = finetune(self.model, self.base, train, hp, seed, settings, self.device, self.progress, desc,
