@@ -84,7 +84,7 @@ def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagene
     assert torch.allclose(soup["head.weight"], mean, atol=1e-6)
 
     # top-k elimination: the best ingredient by held-out accuracy leaves every soup
-    best = min(ids, key=lambda i: (-results["ingredients"][i]["heldout"], i))     # ties: the first id
+    best = max(reversed(ids), key=lambda i: results["ingredients"][i]["heldout"])     # ties: the later one
     cfg2 = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model, "ingredients.exclude_top=1", "name=topk1",
                      "soup=[uniform]")
     results2 = run(cfg2)

@@ -39,7 +39,8 @@ def test_every_ingredient_starts_from_the_same_weights(tiny_run):
 
 def test_best_individual_is_chosen_on_heldout(tiny_run):
     _, results, run_dir = tiny_run
-    best = min(results["ingredients"].items(), key=lambda kv: (-kv[1]["heldout"], kv[0]))   # ties: smallest id
+    # ties: the later ingredient, as model-soups main.py's sort-then-reverse (max keeps the first it meets)
+    best = max(reversed(list(results["ingredients"].items())), key=lambda kv: kv[1]["heldout"])
     assert results["methods"]["best_individual"]["heldout"] == pytest.approx(best[1]["heldout"])
     assert read_json(run_dir / "soups" / "best_individual.json")["members"] == [best[0]]
 
