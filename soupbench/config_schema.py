@@ -88,6 +88,8 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("dataset.num_ood", int, ">=1", null=True),
     Rule("dataset.heldout_fraction", float, ">0,<1"),
     Rule("dataset.heldout_index", str, r".+\.npy", null=True, what="a path to a .npy file"),
+    Rule("dataset.heldout_check_file", str, r".+", null=True, what="a file name"),
+    Rule("dataset.heldout_check_position", int, ">=0"),
     Rule("dataset.fractions.*", float, ">0,<1"),
     Rule("dataset.split_seed", int, ">=0"),
     Rule("dataset.check_counts", bool),

@@ -46,7 +46,7 @@ def imagenet_tree(tmp_path_factory):
 def paper_cfg(tmp: Path, tree: dict[str, Path], ckpts: Path, clip: str, *extra: str):
     return compose_cfg([
         "experiment=imagenet_vit_b32", "logger=none", "device=cpu", f"paths.imagenet={tree['imagenet']}",
-        f"paths.model_soups_heldout_index={tree['index']}",
+        f"paths.model_soups_heldout_index={tree['index']}", "dataset.heldout_check_file=null",
         f"paths.imagenet_shifts={tree['imagenet'].parent}", f"paths.model_soups_checkpoints={ckpts}",
         "dataset.check_counts=false", "dataset.image_size=32", "dataset.num_heldout=300", "dataset.num_test=300",
         f"backbone.model_name={clip}", "backbone.pretrained=null", "backbone.templates=simple_imagenet",
