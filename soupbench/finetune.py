@@ -180,8 +180,9 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     if settings.batch_size % world.size:
         raise ConfigError(f"finetune.batch_size={settings.batch_size} does not divide over {world.size} ranks")
     local_batch = settings.batch_size // world.size
+    mean = tuple((model.pixel_mean.flatten() / 255.0).tolist())        # RandAugment's fill under augment=timm
     data = TrainImages(train, train_transform(str(hp.get("augment", "none")), settings.image_size,
-                                              hp.get("randaugment")), seed)
+                                              hp.get("randaugment"), mean), seed)
     epochs = int(hp["epochs"])
     steps_per_epoch = math.ceil(math.ceil(len(train) / world.size) / local_batch)
     total = steps_per_epoch * epochs
