@@ -123,6 +123,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("finetune.freeze_bn", bool),
     Rule("finetune.max_train_images", int, ">=1", null=True),
     Rule("finetune.precision", str, ("auto", "bf16", "fp32")),
+    Rule("soup.model_stock.form", str, ("soupbench", "paper")),
     # soup/ (one file per method: `*` is the method)
     Rule("soup.*._partial_", bool),
     Rule("soup.*.accept", str, (">=", ">")),
