@@ -135,6 +135,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("soup.*.layer_size", int, ">=0"),
     Rule("soup.*.num_passes", int, ">=1"),
     Rule("soup.*.shuffle_models", bool),
+    Rule("soup.*.model_order", str, ("torch", "mehl_official")),
     Rule("soup.*.schedule", str, ("cosine", "constant")),
     Rule("soup.*.clip", str, ("model", "coefficients")),
     Rule("soup.*.logit_scale", str, ("fixed", "learned")),
