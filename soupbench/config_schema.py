@@ -124,6 +124,8 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("finetune.max_train_images", int, ">=1", null=True),
     Rule("finetune.precision", str, ("auto", "bf16", "fp32")),
     Rule("soup.model_stock.form", str, ("soupbench", "paper")),
+    Rule("soup.wise_ft.alpha", float, ">=0,<=1", null=True),
+    Rule("soup.wise_ft.curve", bool),
     # soup/ (one file per method: `*` is the method)
     Rule("soup.*._partial_", bool),
     Rule("soup.*.accept", str, (">=", ">")),

@@ -375,6 +375,8 @@ class Run:
             methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
                              "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],
                              "peak_mem_mb": meta.get("peak_mem_mb")}
+            if meta["info"].get("curve_alphas"):
+                methods[name]["curve"] = self.wise_ft_curve(meta, by_id)
         results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
@@ -385,6 +387,27 @@ class Run:
             results["diagnostics"] = self.diagnostics(ingredients, results)
         write_json(self.layout.results(), results)
         return results
+
+    def wise_ft_curve(self, meta: dict, by_id: dict[str, Ingredient]) -> list[dict]:
+        """WiSE-FT as its paper reports it (wise-ft src/wise_ft.py evaluates every α): the accuracy of
+        (1 − α)·θ0 + α·θ_target on every split for each α of the grid, scored and cached like any weights."""
+        from soupbench.soups.wise_ft import interpolate, target_weights
+
+        info = meta["info"]
+        theta = target_weights(info["target"], meta["members"], lambda gid: by_id[gid].load(),
+                               lambda soup: load_weights(self.layout.soup_weights(soup)))
+        out = []
+        for a in info["curve_alphas"]:
+            state = interpolate(self.base, theta, a)
+            fp = fingerprint(state)
+            accs = {}
+            for s, split in self.evaluator.splits.items():
+                scores = self.evaluator.cached_score_rows(fp, s)
+                accs[s] = percent(correct_by_rows(scores if scores is not None else
+                                                  self.evaluator.score_rows(state, s, fp), split))
+            out.append({"alpha": a, **accs, "ood_avg": ood_average(accs, self.data)})
+            log.info("wise_ft curve: α = %.2f  %s", a, "  ".join(f"{s} {v:.2f}" for s, v in accs.items()))
+        return out
 
     def runtime(self) -> dict:
         """What this invocation ran on, resolved from the `auto` settings (timings depend on it)."""

@@ -68,6 +68,12 @@ def format_report(results: dict, fmt: str = "text") -> str:
                     [f"warning: {w}" for w in results.get("warnings", [])])]
     for _, columns, rows, title in delta_tables(results):
         parts.append(render(columns, rows, fmt, title, [MARK_NOTE[fmt]]))
+    for name, m in results["methods"].items():
+        if m.get("curve"):
+            splits = [s for s in (*results["splits"], "ood_avg") if s in m["curve"][0] and m["curve"][0][s] is not None]
+            rows = [[c["alpha"], *[c[s] for s in splits]] for c in m["curve"]]
+            parts.append(render(["alpha", *splits], rows, fmt, f"{name}: every α of the grid (top-1 %; the WiSE-FT "
+                                "paper reports this curve, its headline at α = 0.5)", []))
     diag = results.get("diagnostics")
     if diag and fmt != "latex":
         lines = diag.get("lines", [])
