@@ -72,6 +72,8 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("diagnostics.edge_frac", float, ">=0,<=0.5"),
     Rule("diagnostics.barrier_tol", float, ">=0"),
     Rule("report.paper.*.*", float, ">=0,<=100"),
+    Rule("report.reference.*.*", float, ">=0,<=100"),
+    Rule("report.reference_source", str, null=True),
     Rule("report.paper_by.setting", str, r"\w+(\.\w+)+", null=True, what="a dotted setting name"),
     Rule("report.paper_by.values.*.*.*", float, ">=0,<=100"),
     # backbone/

@@ -380,6 +380,8 @@ class Run:
         results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
+                   "reference": {m: dict(v) for m, v in container(self.cfg.report.reference).items()},
+                   "reference_source": self.cfg.report.reference_source,
                    "config": container(self.cfg), "runtime": self.runtime()}
         save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
         results["bootstrap"] = self.bootstrap(hits)
