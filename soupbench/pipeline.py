@@ -179,11 +179,31 @@ class Run:
         n = self.cfg.finetune.max_train_images
         return self.data.train if n is None else self.data.train.sample(n, self.cfg.seed)
 
+    def probe_id(self) -> str:
+        """The id of the linear probe kept as an ingredient (`finetune.probe_as_ingredient`)."""
+        return f"lp-{self.base_fp[:8]}"
+
+    def save_probe_ingredient(self) -> None:
+        """The shared start (pretrained + linear probe) as one more ingredient, as the released model-soups grid
+        counts it (hparam_info.json: model_0 is the "LP initialization", one of the 72). Written once."""
+        gid = self.probe_id()
+        meta_path = self.ingredient_dir / f"{gid}.json"
+        if reusable_meta(meta_path, "base_fingerprint", self.base_fp) is not None:
+            return
+        lp = read_json(self.layout.lp_meta)
+        meta = {"hyperparameters": {}, "info": "LP initialization (the shared start)", "seed": self.cfg.seed,
+                "fingerprint": self.base_fp, "base_fingerprint": self.base_fp, "heldout_acc": lp["heldout_acc"],
+                "heldout_data_key": self.data_key}
+        save_ingredient(self.ingredient_dir, gid, self.base, meta)
+        log.info("ingredient %s: the linear probe (held-out %.2f%%)", gid, meta["heldout_acc"])
+
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
         if ft.import_from is not None:
             self.import_stage(tracker)
             return
+        if ft.probe_as_ingredient and self.world.main:
+            self.save_probe_ingredient()
         plan = self.planned_ingredients()
         if ft.index is not None:
             if not 0 <= ft.index < len(plan):
@@ -249,7 +269,10 @@ class Run:
             from soupbench.importers import imported_id, released_files
 
             return [imported_id(p) for p in released_files(self.cfg.finetune.import_from)]
-        return [gid for gid, _, _ in self.planned_ingredients()]
+        ids = [gid for gid, _, _ in self.planned_ingredients()]
+        # the probe last: `ingredients.select=all` lists ids in natural order, where lp-* follows ft*, and both
+        # selections must give one order (MEHL's shuffle and the tie order read it)
+        return [*ids, self.probe_id()] if self.cfg.finetune.probe_as_ingredient else ids
 
     def selected_ingredients(self) -> list[Ingredient]:
         found = {g.id: g for g in list_ingredients(self.ingredient_dir)}

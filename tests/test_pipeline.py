@@ -165,3 +165,24 @@ def test_max_train_images_is_a_seeded_sample_of_every_class_and_changes_the_ids(
     assert len(train.labels.unique()) > len(full.data.train.labels[:30].unique())    # the first 30: few classes
     assert torch.equal(train.labels, capped.train_split().labels)                     # seeded
     assert {g for g, _, _ in full.planned_ingredients()}.isdisjoint(g for g, _, _ in capped.planned_ingredients())
+
+
+def test_the_linear_probe_counts_among_the_ingredients_as_the_release(tiny_run, tmp_path):
+    """finetune.probe_as_ingredient: the shared start (pretrained + linear probe) is one more ingredient, as the
+    released grid's model_0 ("LP initialization"); the fine-tuned ones are reused, the uniform soup averages all."""
+    run_dir = copy_of_run(tiny_run, tmp_path)
+    cfg = compose_cfg(["experiment=tiny", "logger=none", "stages=[finetune,soup]", "soup=[uniform]",
+                       "finetune.probe_as_ingredient=true"], tmp_path)
+    run(cfg)
+    lp = read_json(run_dir / "base" / "lp.json")
+    probe = f"lp-{lp['fingerprint'][:8]}"
+    meta = read_json(run_dir / "ingredients" / f"{probe}.json")
+    assert meta["heldout_acc"] == lp["heldout_acc"] and meta["base_fingerprint"] == lp["fingerprint"]
+    base = load_weights(run_dir / "base" / "lp.safetensors")
+    stored = load_weights(run_dir / "ingredients" / f"{probe}.safetensors")
+    assert stored.keys() == base.keys() and all(torch.equal(v, base[k]) for k, v in stored.items())
+    members = read_json(run_dir / "soups" / "uniform.json")["members"]
+    assert len(members) == len(tiny_run[1]["ingredients"]) + 1 and members[-1] == probe
+    grid = compose_cfg(["experiment=imagenet_finetune_vit_b32"], tmp_path)       # LP-FT, 71 fine-tuned + the probe
+    assert grid.finetune.probe_as_ingredient and grid.finetune.num_ingredients == 71
+    assert grid.finetune.linear_probe.max_iter > 0 and grid.finetune.linear_probe.init == "backbone"
