@@ -108,6 +108,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("finetune.index", int, ">=0", null=True),
     Rule("finetune.allow_foreign_heldout", bool),
     Rule("finetune.probe_as_ingredient", bool),
+    Rule("finetune.base_from", str, null=True),
     Rule("finetune.space.lr", float, ">0", form="space"),
     Rule("finetune.space.weight_decay", float, ">=0", form="space"),
     Rule("finetune.space.epochs", int, ">=1", form="space"),

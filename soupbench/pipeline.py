@@ -22,7 +22,7 @@ from soupbench.config_schema import validate
 from soupbench.data import DataBundle, Split
 from soupbench.data.streaming import decoded
 from soupbench.distributed import barrier
-from soupbench.errors import ConfigError, SoupbenchError
+from soupbench.errors import CheckpointError, ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct_by_rows, ensemble_correct, percent
 from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, ingredient_id, linear_probe
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict, save_ingredient
@@ -134,8 +134,15 @@ class Run:
 
     def _prepare_base(self) -> None:
         cfg = self.cfg
+        base_from = cfg.finetune.base_from
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
+        if base_from is not None:             # θ0 from a file: the probe's settings do not shape it
+            f = Path(base_from)
+            if not f.is_file():
+                raise ConfigError(f"finetune.base_from: file not found: {f}")
+            settings = {"backbone": container(cfg.backbone), "data": self.data_key,
+                        "base_from": {"path": str(f.resolve()), "size": f.stat().st_size}}
         if cfg.finetune.precision != "auto":     # part of the key only when set, so earlier probes stay reusable
             settings["precision"] = cfg.finetune.precision
         path, meta_path = self.layout.lp_weights, self.layout.lp_meta
@@ -147,9 +154,12 @@ class Run:
             return
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
-        stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
-                             self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers,
-                             cfg.finetune.precision)
+        if base_from is not None:
+            stats = self.load_base_from(Path(base_from))
+        else:
+            stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
+                                 self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers,
+                                 cfg.finetune.precision)
         self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.base_fp = fingerprint(self.base)
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
@@ -158,6 +168,30 @@ class Run:
                                "heldout_acc": heldout, "time_s": time.perf_counter() - t0, **stats,
                                "settings": settings})
         log.info("linear probe: held-out %.2f%% (%.1fs)", heldout, time.perf_counter() - t0)
+
+    def load_base_from(self, path: Path) -> dict[str, Any]:
+        """θ0 read from a file (`finetune.base_from`) into the model: a released model-soups checkpoint (its
+        `model_0.pt` is the "LP initialization" every released ingredient was fine-tuned from, model-soups
+        hparam_info.json) or soupbench weights (.safetensors) of this backbone."""
+        from soupbench.importers import convert_model_soups_state
+        from soupbench.io import require_finite
+
+        template = self.model.state_dict()
+        if path.suffix == ".safetensors":
+            state = load_weights(path)
+            if set(state) != set(template):
+                raise CheckpointError(f"finetune.base_from: {path} holds other tensors than this backbone "
+                                      f"(e.g. {sorted(set(state) ^ set(template))[:3]})")
+        else:
+            try:
+                raw = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickle errors, truncated zip archives, ...
+                raise CheckpointError(f"finetune.base_from: cannot read {path} ({type(e).__name__}: {e})") from e
+            raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+            state = convert_model_soups_state(raw, template, path)
+        require_finite(state, path)
+        self.model.load_state_dict({k: v.to(template[k].dtype) for k, v in state.items()})
+        return {"base_from": str(path.resolve())}
 
     # ------------------------------------------------------------------------------------------ finetune
     def planned_ingredients(self) -> list[tuple[str, dict, int]]:

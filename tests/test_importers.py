@@ -57,11 +57,22 @@ def paper_cfg(tmp: Path, tree: dict[str, Path], ckpts: Path, clip: str, *extra: 
 def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagenet_tree, clip_test_model, tmp_path):
     ckpts = tmp_path / "model_soups"
     ckpts.mkdir()
-    cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model)
+    cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model,
+                    "soup=[best_individual,uniform,greedy,mehl_plus,wise_ft,ensemble]", "soup.wise_ft.alphas=[0.0,1.0]")
     base = {k: v.clone() for k, v in Run(cfg).model.state_dict().items()}
     for i in range(3):
         torch.save(released_format(base, 1e-3, i), ckpts / f"model_{i}.pt")
     results = run(cfg)
+
+    # θ0 is the released model_0 (the "LP initialization" they were fine-tuned from), not the zero-shot head:
+    # WiSE-FT's α = 0 is model_0 itself, on every split
+    theta0 = load_weights(Path(cfg.paths.run_dir) / "base" / "lp.safetensors")
+    model_0 = load_weights(Path(cfg.ingredients.dir) / "ms-model_0.safetensors")
+    assert theta0.keys() == model_0.keys() and all(torch.equal(theta0[k], v) for k, v in model_0.items())
+    assert not torch.equal(theta0["head.weight"], base["head.weight"])
+    at0 = results["methods"]["wise_ft"]["curve"][0]
+    assert at0["alpha"] == 0.0
+    assert all(at0[s] == pytest.approx(results["ingredients"]["ms-model_0"][s]) for s in results["splits"])
 
     ids = sorted(results["ingredients"])
     assert ids == ["ms-model_0", "ms-model_1", "ms-model_2"]
