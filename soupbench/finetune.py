@@ -73,7 +73,7 @@ def hyperparameter_configs(search: str, space: Mapping[str, Any], num_ingredient
 
 @torch.no_grad()
 def probe_features(model: Classifier, train: Split, image_size: int, batch_size: int, device: torch.device,
-                   workers: int = 0, progress: bool = False) -> torch.Tensor:
+                   workers: int = 0, progress: bool = False, precision: str = "auto") -> torch.Tensor:
     """The frozen encoder's features of every training image in one streaming pass, fp16 (N, D) on the CPU:
     1.28 M ImageNet images x 512 (ViT-B/32) are 1.3 GB, and the images are never all in memory."""
     model.eval()
@@ -82,7 +82,7 @@ def probe_features(model: Classifier, train: Split, image_size: int, batch_size:
     out = torch.empty(len(train), model.feature_dim, dtype=torch.float16)
     i = 0
     for x, _ in progress_bar(loader, "LP features", progress):
-        with autocast(device):
+        with autocast(device, precision, "finetune.precision"):
             f = model.features(x.to(device, non_blocking=True))
         out[i:i + len(f)].copy_(f.to(torch.float16), non_blocking=True)
         i += len(f)
@@ -93,7 +93,7 @@ def probe_features(model: Classifier, train: Split, image_size: int, batch_size:
 
 def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: float, batch_size: int,
                  device: torch.device, progress: bool = False, init: str = "zeros", image_size: int | None = None,
-                 workers: int = 0) -> dict[str, float]:
+                 workers: int = 0, precision: str = "auto") -> dict[str, float]:
     """Fit `model.head` by L2-regularised logistic regression (full-batch L-BFGS) on frozen features.
 
     `init`: `zeros`, or `backbone` to start from the head the backbone built (CLIP's zero-shot head).
@@ -110,7 +110,7 @@ def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: f
         raise ConfigError("the linear probe needs training images but the dataset has none (dataset.num_train=0?): "
                           "set finetune.linear_probe.max_iter=0 and init=backbone to start from the backbone's head")
     size = image_size or int(train.images.shape[-1])
-    feats = probe_features(model, train, size, batch_size, device, workers, progress).to(device).float()
+    feats = probe_features(model, train, size, batch_size, device, workers, progress, precision).to(device).float()
     labels = train.labels.to(device)
     head = model.head
     if init == "zeros":
@@ -150,6 +150,7 @@ class TrainSettings:
     workers: int = 0                        # DataLoader worker processes per rank
     checkpoint_every: int | None = None     # steps between checkpoints (besides one per epoch); None: epochs only
     log_every: int = 50                     # steps between progress updates (the only host-device syncs)
+    precision: str = "auto"                 # training forward passes: auto (bf16 autocast on CUDA) | bf16 | fp32
 
 
 def _mixup(alpha: float, smoothing: float, num_classes: int):
@@ -179,8 +180,9 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     if settings.batch_size % world.size:
         raise ConfigError(f"finetune.batch_size={settings.batch_size} does not divide over {world.size} ranks")
     local_batch = settings.batch_size // world.size
+    mean = tuple((model.pixel_mean.flatten() / 255.0).tolist())        # RandAugment's fill under augment=timm
     data = TrainImages(train, train_transform(str(hp.get("augment", "none")), settings.image_size,
-                                              hp.get("randaugment")), seed)
+                                              hp.get("randaugment"), mean), seed)
     epochs = int(hp["epochs"])
     steps_per_epoch = math.ceil(math.ceil(len(train) / world.size) / local_batch)
     total = steps_per_epoch * epochs
@@ -212,7 +214,7 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
                 x, target = mixup(x.float(), y)
             else:
                 target = y
-            with autocast(device):
+            with autocast(device, settings.precision, "finetune.precision"):
                 out = net(x).float()
             loss = (torch.sum(-target * F.log_softmax(out, dim=-1), dim=-1).mean() if mixup is not None
                     else F.cross_entropy(out, target, label_smoothing=smoothing))

@@ -73,8 +73,12 @@ def list_ingredients(directory: str | Path) -> list[Ingredient]:
 
 
 def sort_by_heldout(ingredients: list[Ingredient]) -> list[Ingredient]:
-    """Best held-out accuracy first; ties broken by id so the order is deterministic."""
-    return sorted(ingredients, key=lambda g: (-g.heldout_acc, g.id))
+    """Best held-out accuracy first; among equal accuracies the *later* ingredient (in the given order: the
+    released files' or the config's) first. This is model-soups main.py's greedy order, a stable ascending
+    sort then `reverse()`: `sorted(accs.items(), key=itemgetter(1))` followed by `.reverse()`."""
+    order = sorted(ingredients, key=lambda g: g.heldout_acc)        # stable: ties keep the given order
+    order.reverse()
+    return order
 
 
 def restrict(ingredients: list[Ingredient], limit: int | None, exclude_top: int) -> list[Ingredient]:

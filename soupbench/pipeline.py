@@ -151,6 +151,8 @@ class Run:
         cfg = self.cfg
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
+        if cfg.finetune.precision != "auto":     # part of the key only when set, so earlier probes stay reusable
+            settings["precision"] = cfg.finetune.precision
         path, meta_path = self.layout.lp_weights, self.layout.lp_meta
         if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None:
             self.base = load_weights(path)
@@ -161,7 +163,8 @@ class Run:
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
-                             self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers)
+                             self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers,
+                             cfg.finetune.precision)
         self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.base_fp = fingerprint(self.base)
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
@@ -180,6 +183,8 @@ class Run:
             fixed["max_train_images"] = {"sample": ft.max_train_images, "seed": self.cfg.seed}
         else:
             fixed["max_train_images"] = None
+        if ft.precision != "auto":              # in the id only when set: ingredients trained before keep theirs
+            fixed["precision"] = ft.precision
         return [(ingredient_id(i, hp, self.cfg.seed + i, fixed), hp, self.cfg.seed + i)
                 for i, hp in enumerate(configs)]
 
@@ -189,11 +194,31 @@ class Run:
         n = self.cfg.finetune.max_train_images
         return self.data.train if n is None else self.data.train.sample(n, self.cfg.seed)
 
+    def probe_id(self) -> str:
+        """The id of the linear probe kept as an ingredient (`finetune.probe_as_ingredient`)."""
+        return f"lp-{self.base_fp[:8]}"
+
+    def save_probe_ingredient(self) -> None:
+        """The shared start (pretrained + linear probe) as one more ingredient, as the released model-soups grid
+        counts it (hparam_info.json: model_0 is the "LP initialization", one of the 72). Written once."""
+        gid = self.probe_id()
+        meta_path = self.ingredient_dir / f"{gid}.json"
+        if reusable_meta(meta_path, "base_fingerprint", self.base_fp) is not None:
+            return
+        lp = read_json(self.layout.lp_meta)
+        meta = {"hyperparameters": {}, "info": "LP initialization (the shared start)", "seed": self.cfg.seed,
+                "fingerprint": self.base_fp, "base_fingerprint": self.base_fp, "heldout_acc": lp["heldout_acc"],
+                "heldout_data_key": self.data_key}
+        save_ingredient(self.ingredient_dir, gid, self.base, meta)
+        log.info("ingredient %s: the linear probe (held-out %.2f%%)", gid, meta["heldout_acc"])
+
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
         if self.cfg.ingredients.from_files is not None:
             self.import_stage(tracker)
             return
+        if ft.probe_as_ingredient and self.world.main:
+            self.save_probe_ingredient()
         plan = self.planned_ingredients()
         if ft.index is not None:
             if not 0 <= ft.index < len(plan):
@@ -222,7 +247,7 @@ class Run:
         ft = self.cfg.finetune
         settings = TrainSettings(ft.batch_size, ft.warmup_frac, ft.max_grad_norm, ft.freeze_bn,
                                  self.cfg.dataset.image_size, ft.warmup_steps, ft.workers, ft.checkpoint_every,
-                                 ft.log_every)
+                                 ft.log_every, ft.precision)
         checkpoint = self.ingredient_dir / "checkpoints" / f"{gid}.pt"
         t0 = time.perf_counter()
         stats = finetune(self.model, self.base, train, hp, seed, settings, self.device, self.progress, desc,
@@ -264,7 +289,10 @@ class Run:
             from soupbench.importers import ingredient_ids
 
             return ingredient_ids(source_files(container(self.cfg.ingredients.from_files)))
-        return [gid for gid, _, _ in self.planned_ingredients()]
+        ids = [gid for gid, _, _ in self.planned_ingredients()]
+        # the probe last: `ingredients.select=all` lists ids in natural order, where lp-* follows ft*, and both
+        # selections must give one order (MEHL's shuffle and the tie order read it)
+        return [*ids, self.probe_id()] if self.cfg.finetune.probe_as_ingredient else ids
 
     def check_start(self, ingredients: list[Ingredient]) -> None:
         """Were the ingredients fine-tuned from this run's θ0? soupbench's own record their start's fingerprint:
@@ -441,9 +469,13 @@ class Run:
             methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
                              "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],
                              "peak_mem_mb": meta.get("peak_mem_mb")}
+            if meta["info"].get("curve_alphas"):
+                methods[name]["curve"] = self.wise_ft_curve(meta, by_id)
         results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
                    "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
+                   "reference": {m: dict(v) for m, v in container(self.cfg.report.reference).items()},
+                   "reference_source": self.cfg.report.reference_source,
                    "config": container(self.cfg), "runtime": self.runtime()}
         save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
         results["bootstrap"] = self.bootstrap(hits)
@@ -451,6 +483,27 @@ class Run:
             results["diagnostics"] = self.diagnostics(ingredients, results)
         write_json(self.layout.results(), results)
         return results
+
+    def wise_ft_curve(self, meta: dict, by_id: dict[str, Ingredient]) -> list[dict]:
+        """WiSE-FT as its paper reports it (wise-ft src/wise_ft.py evaluates every α): the accuracy of
+        (1 − α)·θ0 + α·θ_target on every split for each α of the grid, scored and cached like any weights."""
+        from soupbench.soups.wise_ft import interpolate, target_weights
+
+        info = meta["info"]
+        theta = target_weights(info["target"], meta["members"], lambda gid: by_id[gid].load(),
+                               lambda soup: load_weights(self.layout.soup_weights(soup)))
+        out = []
+        for a in info["curve_alphas"]:
+            state = interpolate(self.base, theta, a)
+            fp = fingerprint(state)
+            accs = {}
+            for s, split in self.evaluator.splits.items():
+                scores = self.evaluator.cached_score_rows(fp, s)
+                accs[s] = percent(correct_by_rows(scores if scores is not None else
+                                                  self.evaluator.score_rows(state, s, fp), split))
+            out.append({"alpha": a, **accs, "ood_avg": ood_average(accs, self.data)})
+            log.info("wise_ft curve: α = %.2f  %s", a, "  ".join(f"{s} {v:.2f}" for s, v in accs.items()))
+        return out
 
     def runtime(self) -> dict:
         """What this invocation ran on, resolved from the `auto` settings (timings depend on it)."""

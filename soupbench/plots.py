@@ -24,11 +24,30 @@ def id_vs_ood(results: dict, path: Path) -> Path | None:
     markers = "o^sDvP*Xhp<>"
     for i, (name, m) in enumerate(results["methods"].items()):
         ax.scatter([m["test"]], [m["ood_avg"]], s=90, marker=markers[i % len(markers)], label=name, zorder=3)
+        if m.get("curve"):                                     # the WiSE-FT curve, α from 0 to 1
+            ax.plot([c["test"] for c in m["curve"]], [c["ood_avg"] for c in m["curve"]], "-", lw=1, c="0.4",
+                    label=f"{name}: α grid", zorder=2)
     ax.set_xlabel("ID test accuracy (%)")
     ax.set_ylabel(f"OOD accuracy (%), mean of {', '.join(results['ood_splits'])}")
     ax.set_title(f"{results['name']}: in-distribution vs distribution shift")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+def wise_ft_curve(name: str, curve: list[dict], splits: list[str], path: Path) -> Path:
+    """Accuracy against α on every split: the WiSE-FT paper's curve (α = 0 the start, 1 the target)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    alphas = [c["alpha"] for c in curve]
+    for s in [*splits, "ood_avg"]:
+        if all(c.get(s) is not None for c in curve):
+            ax.plot(alphas, [c[s] for c in curve], "o-" if s != "ood_avg" else "s--", label=s)
+    ax.axvline(0.5, c="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("α  (θ = (1 − α)·θ0 + α·θ_target; dotted: the paper's headline α = 0.5)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{name}: accuracy along the interpolation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -70,7 +89,10 @@ def all_plots(results: dict, layout: RunLayout) -> dict[str, Path]:
     out: dict[str, Path] = {}
     if (p := id_vs_ood(results, out_dir / "id_vs_ood.png")) is not None:
         out["id_vs_ood"] = p
-    for name in results["methods"]:
+    for name, m in results["methods"].items():
+        if m.get("curve"):
+            out[f"wise_ft_curve/{name}"] = wise_ft_curve(name, m["curve"], list(results["splits"]),
+                                                         out_dir / f"wise_ft_curve_{name}.png")
         meta_path = layout.soup_meta(name)
         if not meta_path.is_file():
             continue

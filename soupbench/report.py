@@ -12,23 +12,36 @@ from soupbench.tracking import Tracker
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list]]:
-    """One row per method. A split with published figures (`results["paper"]`) gets a "paper" and a "Δ"
-    (ours − paper) column beside it; methods without a figure show None there."""
+    """One row per method. A split with reference figures (`results["reference"]`: what the official code's own
+    results files hold, the numbers a faithful rerun should meet) gets a "ref" and a "Δ" (ours − ref) column;
+    the paper's text (`results["paper"]`) gets a "paper" column beside it, and the Δ is to the paper where no
+    reference exists for that split. Methods without a figure show None there."""
     splits = [*results["splits"], *(["ood_avg"] if results["ood_splits"] else [])]
     paper = results.get("paper") or {}
+    reference = results.get("reference") or {}
     with_paper = [s for s in splits if any(s in figs for figs in paper.values())]
+    with_ref = [s for s in splits if any(s in figs for figs in reference.values())]
     columns = ["method", "members"]
     for s in splits:
-        columns += [s, f"{s} paper", f"{s} Δ"] if s in with_paper else [s]
+        columns.append(s)
+        if s in with_ref:
+            columns += [f"{s} ref", f"{s} Δ"] + ([f"{s} paper"] if s in with_paper else [])
+        elif s in with_paper:
+            columns += [f"{s} paper", f"{s} Δ"]
     columns.append("soup_s")
     rows = []
     for name, m in results["methods"].items():
         row = [name, m["members"]]
         for s in splits:
             row.append(m[s])
-            if s in with_paper:
-                ref = paper.get(name, {}).get(s)
+            pap = paper.get(name, {}).get(s)
+            if s in with_ref:
+                ref = reference.get(name, {}).get(s)
                 row += [ref, None if ref is None or m[s] is None else Signed(m[s] - ref)]
+                if s in with_paper:
+                    row.append(pap)
+            elif s in with_paper:
+                row += [pap, None if pap is None or m[s] is None else Signed(m[s] - pap)]
         rows.append([*row, m["soup_time_s"]])
     return columns, rows
 
@@ -64,10 +77,20 @@ MARK_NOTE = {"text": "* the interval excludes 0", "markdown": "Bold: the interva
 def format_report(results: dict, fmt: str = "text") -> str:
     """The results table, the Δ tables and (text, Markdown) the diagnostics, in one format."""
     sizes = ", ".join(f"{k}={v}" for k, v in results["splits"].items())
+    notes = [f"warning: {w}" for w in results.get("warnings", [])]
+    if results.get("reference"):
+        notes.append(f"ref: {results.get('reference_source') or 'reference figures'}; Δ = ours − ref; paper: the "
+                     "papers' text")
     parts = [render(*table_rows(results), fmt, f"soupbench results: {results['name']}  (top-1 %, images: {sizes})",
-                    [f"warning: {w}" for w in results.get("warnings", [])])]
+                    notes)]
     for _, columns, rows, title in delta_tables(results):
         parts.append(render(columns, rows, fmt, title, [MARK_NOTE[fmt]]))
+    for name, m in results["methods"].items():
+        if m.get("curve"):
+            splits = [s for s in (*results["splits"], "ood_avg") if s in m["curve"][0] and m["curve"][0][s] is not None]
+            rows = [[c["alpha"], *[c[s] for s in splits]] for c in m["curve"]]
+            parts.append(render(["alpha", *splits], rows, fmt, f"{name}: every α of the grid (top-1 %; the WiSE-FT "
+                                "paper reports this curve, its headline at α = 0.5)", []))
     diag = results.get("diagnostics")
     if diag and fmt != "latex":
         lines = diag.get("lines", [])

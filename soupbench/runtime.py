@@ -35,18 +35,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def use_bf16(device: torch.device, precision: str) -> bool:
+def use_bf16(device: torch.device, precision: str, setting: str = "eval.precision") -> bool:
     """`auto`: bf16 autocast on CUDA, fp32 on the CPU (where bf16 is slow on most processors)."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"eval.precision={precision!r}: expected one of {list(PRECISIONS)}")
+        raise ConfigError(f"{setting}={precision!r}: expected one of {list(PRECISIONS)}")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
-def autocast(device: torch.device, precision: str = "auto"):
+def autocast(device: torch.device, precision: str = "auto", setting: str = "eval.precision"):
     """bf16 autocast for the backbone when `precision` asks for it. The classifier head always runs in fp32
     (see `Classifier.forward`): at CLIP's logit scale of 100, bf16 logits round two classes 0.05 apart to the
     same value, and greedy soup's accept decisions hinge on a few images."""
-    if use_bf16(device, precision):
+    if use_bf16(device, precision, setting):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

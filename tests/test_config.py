@@ -100,3 +100,10 @@ def test_ablation_presets_sweep_their_setting(preset, key, values):
     with initialize_config_dir(str(soupbench.CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
     assert cfg.hydra.sweeper.params[key] == values
+
+
+def test_paper_finetune_preset_follows_the_official_finetuning(tmp_path):
+    """imagenet_finetune_vit_b32 trains as model-soups finetune.py does: fp32 (no autocast)."""
+    grid = compose_cfg(["experiment=imagenet_finetune_vit_b32"], tmp_path)
+    assert grid.finetune.precision == "fp32"
+    assert compose_cfg([], tmp_path).finetune.precision == "auto"

@@ -132,3 +132,26 @@ def test_sample_draws_from_the_whole_split_not_its_first_classes():
     assert torch.equal(s.labels, split.sample(50, seed=0).labels)
     assert not torch.equal(s.labels, split.sample(50, seed=1).labels)
     assert split.sample(5000, seed=0) is split
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 251), (251, 333), (640, 480), (299, 225),
+                                  (224, 224), (230, 229), (120, 90)])
+def test_decoded_cache_equals_clips_torchvision_transform(tmp_path, size):
+    """The decoded cache is CLIP's preprocessing (torchvision Resize(224, bicubic) + CenterCrop(224)) bit for
+    bit: the long side truncated (500x375 -> 298 wide, not 299) and the crop offset rounded, on odd and even
+    sizes, both orientations, an image smaller than the crop, and a greyscale file."""
+    from torchvision import transforms as T
+
+    from soupbench.data.decoded_cache import _decode
+
+    rng = np.random.default_rng(sum(size))
+    w, h = size
+    for mode, shape in (("RGB", (h, w, 3)), ("L", (h, w))):
+        path = tmp_path / f"{mode}_{w}x{h}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+        ref = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+        with Image.open(path) as im:
+            expected = np.asarray(ref(im).convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+        got = _decode(path, 224)
+        assert got.shape == (3, 224, 224)
+        assert np.array_equal(got, expected), (mode, size)

@@ -145,3 +145,19 @@ def test_warmup_steps_are_exact_and_override_the_fraction():
     assert f(2999) < 1e-5
     assert cosine_with_warmup(3000, 0.1)(299) == pytest.approx(1.0)          # the fraction when unset: 300 steps
     assert cosine_with_warmup(100, 0.1, warmup_steps=500)(99) == pytest.approx(1.0)   # capped at the run
+
+
+@pytest.mark.parametrize("precision, expect_autocast", [("bf16", True), ("fp32", False), ("auto", False)])
+def test_finetune_precision_rules_the_training_forward(precision, expect_autocast):
+    """`finetune.precision` (not eval.precision) decides whether the training forward runs under bf16 autocast;
+    the paper preset's fp32 is the official fine-tuning's (model-soups finetune.py has no autocast)."""
+    model, train = tiny_model(), random_split(n=32)
+    seen = []
+    model.encoder.register_forward_hook(lambda m, i, o: seen.append(torch.is_autocast_enabled("cpu")))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = TrainSettings(16, 0.1, 1.0, True, 8, precision=precision)
+    finetune(model, start, train, {"lr": 1e-3, "weight_decay": 0.0, "epochs": 1}, 0, settings, torch.device("cpu"))
+    assert seen and set(seen) == {expect_autocast}
+    with pytest.raises(ConfigError, match="finetune.precision"):
+        finetune(model, start, train, {"lr": 1e-3, "weight_decay": 0.0, "epochs": 1}, 0,
+                 TrainSettings(16, 0.1, 1.0, True, 8, precision="fp16"), torch.device("cpu"))

@@ -146,3 +146,33 @@ def test_heldout_index_file_selects_exactly_the_flagged_images(tree, tmp_path):
         imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(index))
     with pytest.raises(DataError, match="heldout_index: file not found"):
         imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(tmp_path / "missing.npy"))
+
+
+def test_heldout_index_is_checked_by_a_known_file_as_the_official_code(tree, tmp_path):
+    """model-soups utils.py asserts that the 1001st flagged file (`sampler.indices[1000]`) ends with
+    n01675722_4108.JPEG: an index of the right length over a listing sorted or filtered another way puts every
+    flag on the wrong image, and only a known file catches it. The preset's dataset carries that check."""
+    import numpy as np
+    from torchvision.datasets import ImageFolder
+
+    from tests.helpers import compose_cfg
+
+    reference = ImageFolder(str(tree["imagenet"] / "train"), is_valid_file=lambda p: p.endswith(".png"))
+    flags = np.zeros(len(reference.samples), dtype=np.int64)
+    flags[::3] = 1
+    index = tmp_path / "imagenet_98_idxs.npy"
+    np.save(index, flags)
+    third = Path(reference.samples[6][0]).name                   # the flagged file at position 2
+    files = imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(index), heldout_check_position=2,
+                            heldout_check_file=third)
+    assert files["heldout"][0][2].name == third
+    shifted = np.roll(flags, 1)                                  # same length and count, every flag one image off
+    np.save(index, shifted)
+    with pytest.raises(DataError, match=f"position 2 must be {third}"):
+        imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(index), heldout_check_position=2,
+                        heldout_check_file=third)
+    with pytest.raises(DataError, match="position 1000 must be n01675722_4108.JPEG"):
+        imagenet_splits(tree["imagenet"], 0.02, 0, False, heldout_index=str(index), heldout_check_position=1000,
+                        heldout_check_file="n01675722_4108.JPEG")
+    cfg = compose_cfg(["experiment=imagenet_vit_b32"], tmp_path)
+    assert (cfg.dataset.heldout_check_file, cfg.dataset.heldout_check_position) == ("n01675722_4108.JPEG", 1000)

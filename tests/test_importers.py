@@ -45,7 +45,7 @@ def imagenet_tree(tmp_path_factory):
 def paper_cfg(tmp: Path, tree: dict[str, Path], ckpts: Path, clip: str, *extra: str):
     return compose_cfg([
         "experiment=imagenet_vit_b32", "logger=none", "device=cpu", f"paths.imagenet={tree['imagenet']}",
-        f"paths.model_soups_heldout_index={tree['index']}",
+        f"paths.model_soups_heldout_index={tree['index']}", "dataset.heldout_check_file=null",
         f"paths.imagenet_shifts={tree['imagenet'].parent}", f"paths.model_soups_checkpoints={ckpts}",
         "dataset.check_counts=false", "dataset.image_size=32", "dataset.num_heldout=300", "dataset.num_test=300",
         f"backbone.model_name={clip}", "backbone.pretrained=null", "backbone.templates=simple_imagenet",
@@ -56,11 +56,22 @@ def paper_cfg(tmp: Path, tree: dict[str, Path], ckpts: Path, clip: str, *extra: 
 def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagenet_tree, clip_test_model, tmp_path):
     ckpts = tmp_path / "model_soups"
     ckpts.mkdir()
-    cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model)
+    cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model,
+                    "soup=[best_individual,uniform,greedy,mehl_plus,wise_ft,ensemble]", "soup.wise_ft.alphas=[0.0,1.0]")
     base = {k: v.clone() for k, v in Run(cfg).model.state_dict().items()}
     for i in range(3):
         torch.save(released_format(base, 1e-3, i), ckpts / f"model_{i}.pt")
     results = run(cfg)
+
+    # θ0 is the released model_0 (the "LP initialization" they were fine-tuned from), not the zero-shot head:
+    # WiSE-FT's α = 0 is model_0 itself, on every split
+    model_0 = read_json(Path(cfg.ingredients.dir) / "model_0.json")
+    assert results["base_fingerprint"] == model_0["fingerprint"]
+    assert not torch.equal(load_weights(Path(cfg.ingredients.dir) / "model_0.safetensors")["head.weight"],
+                           base["head.weight"])
+    at0 = results["methods"]["wise_ft"]["curve"][0]
+    assert at0["alpha"] == 0.0
+    assert all(at0[s] == pytest.approx(results["ingredients"]["model_0"][s]) for s in results["splits"])
 
     ids = sorted(results["ingredients"])
     assert ids == ["model_0", "model_1", "model_2"]
@@ -83,7 +94,7 @@ def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagene
     assert torch.allclose(soup["head.weight"], mean, atol=1e-6)
 
     # top-k elimination: the best ingredient by held-out accuracy leaves every soup
-    best = min(ids, key=lambda i: (-results["ingredients"][i]["heldout"], i))     # ties: the first id
+    best = max(reversed(ids), key=lambda i: results["ingredients"][i]["heldout"])     # ties: the later one
     cfg2 = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model, "ingredients.exclude_top=1", "name=topk1",
                      "soup=[uniform]")
     results2 = run(cfg2)

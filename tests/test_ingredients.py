@@ -29,3 +29,21 @@ def test_ingredient_limit_and_top_k_elimination(tmp_path):
         restrict(store, None, 5)
     with pytest.raises(ConfigError, match="ingredients.limit=0"):
         restrict(store, 0, 0)
+
+
+def test_ties_in_heldout_accuracy_put_the_later_ingredient_first_as_the_official_sort():
+    """model-soups main.py: `sorted(accs.items(), key=itemgetter(1))` then `.reverse()`, over model_0..model_71:
+    among equal held-out accuracies the later model comes first (greedy's order and the best individual). The
+    released results hold one such tie (model_4 and model_5, 78.527 %)."""
+    import operator
+    from pathlib import Path
+
+    from soupbench.ingredients import Ingredient, sort_by_heldout
+
+    accs = {f"ms-model_{i}": a for i, a in enumerate([70.0, 80.0, 75.0, 80.0, 75.0, 80.0, 60.0, 2.0, 75.0, 80.0,
+                                                      80.0])}
+    ings = [Ingredient(i, Path(f"{i}.safetensors"), {"heldout_acc": a}) for i, a in accs.items()]
+    official = sorted(accs.items(), key=operator.itemgetter(1))
+    official.reverse()
+    assert [g.id for g in sort_by_heldout(ings)] == [name for name, _ in official]
+    assert [g.id for g in sort_by_heldout(ings)][:2] == ["ms-model_10", "ms-model_9"]

@@ -364,3 +364,30 @@ def test_coefficient_penalty_pulls_toward_the_centre(tmp_path):
                          coef_l2=100.0)
     size = lambda r: torch.tensor(r.info["blocks"][0]["alpha"]).abs().max().item()  # noqa: E731
     assert size(tied) < 0.2 * size(free)
+
+
+def test_mehl_official_model_order_gives_run_sh_blocks():
+    """model_order=mehl_official: MEHL-Soup's run.sh (--randomseed 1) seeds numpy, utils.py get_datasets draws a
+    permutation of the 1,281,167 ImageNet train images, then MEHL_soup_layer.py `np.random.shuffle(models)` cuts
+    the blocks of 18: [70, 21, 45, 19, ...]. The paper preset uses it; the default (torch) cuts other blocks."""
+    import numpy as np
+
+    from soupbench.soups.learned import block_order
+    from tests.helpers import compose_cfg
+
+    saved = np.random.get_state()
+    blocks = block_order(72, 18, 2, True, 1, "mehl_official")
+    assert (np.random.get_state()[1] == saved[1]).all()         # the global numpy stream is untouched
+    np.random.seed(1)                                            # the official script, step by step
+    np.random.permutation(1_281_167)
+    models = list(range(72))
+    official = []
+    for _ in range(2):                                           # --models_epochs: reshuffle the same list
+        np.random.shuffle(models)
+        official += [models[st:st + 18] for st in range(0, 72, 18)]
+    np.random.set_state(saved)
+    assert blocks == official and blocks[0][:3] == [70, 21, 45]
+    assert block_order(72, 18, 1, True, 1)[0][:3] != [70, 21, 45]   # soupbench's default order
+    table = compose_cfg(["experiment=imagenet_vit_b32"])
+    assert (table.soup.mehl_plus.model_order, table.soup.mehl_plus.seed) == ("mehl_official", 1)
+    assert compose_cfg([]).soup.mehl_plus.model_order == "torch"

@@ -87,3 +87,25 @@ def test_matches_a_brute_force_reference_on_a_real_network(tmp_path):
         expected = (t * avg + (1 - t) * b.double()).to(b.dtype)
         torch.testing.assert_close(res.state[name], expected, rtol=0, atol=1e-6)
         assert 0.0 < res.info["per_tensor"][name]["cos"] < 1.0 or name.endswith(("running_mean", "running_var"))
+
+
+def test_the_papers_exact_form_two_models_and_no_clamp(tmp_path):
+    """form=paper: the paper's method merges two fine-tuned models, t = 2·cos / (1 + cos) per tensor, and a
+    negative cosine gives t < 0 (soupbench's default clamps it to 0 and generalises to k models)."""
+    taus = [[1.0, 0.0], [-0.5, 1.0], [3.0, 3.0]]              # the third is left out by the paper's form
+    ings = store(tmp_path, BASE, taus)
+    res = model_stock.build(ctx_for(BASE, ings, tmp_path), form="paper")
+    c = -0.5 / math.sqrt(1.25)
+    t = 2 * c / (1 + c)
+    assert t < 0 and res.info["per_tensor"]["w"]["t"] == pytest.approx(t)
+    avg = BASE["w"] + torch.tensor(taus[:2], dtype=torch.float64).mean(0)
+    torch.testing.assert_close(res.state["w"], t * avg + (1 - t) * BASE["w"], rtol=0, atol=1e-12)
+    assert res.members == ["g0", "g1"] and res.info["negative_t_tensors"] == ["w"] and res.info["form"] == "paper"
+    clamped = model_stock.build(ctx_for(BASE, ings[:2], tmp_path))  # the default on the same two: clamped
+    assert clamped.info["per_tensor"]["w"]["t"] == 0.0 and torch.equal(clamped.state["w"], BASE["w"])
+    agree = store(tmp_path / "agree", BASE, [[1.0, 0.0], [1.0, 1.0]])   # agreeing pair: the two forms are one
+    a = model_stock.build(ctx_for(BASE, agree, tmp_path), form="paper")
+    b = model_stock.build(ctx_for(BASE, agree, tmp_path))
+    torch.testing.assert_close(a.state["w"], b.state["w"], rtol=0, atol=0)
+    with pytest.raises(Exception, match="two fine-tuned models"):
+        model_stock.build(ctx_for(BASE, ings[:1], tmp_path), form="paper")

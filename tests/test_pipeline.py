@@ -39,7 +39,8 @@ def test_every_ingredient_starts_from_the_same_weights(tiny_run):
 
 def test_best_individual_is_chosen_on_heldout(tiny_run):
     _, results, run_dir = tiny_run
-    best = min(results["ingredients"].items(), key=lambda kv: (-kv[1]["heldout"], kv[0]))   # ties: smallest id
+    # ties: the later ingredient, as model-soups main.py's sort-then-reverse (max keeps the first it meets)
+    best = max(reversed(list(results["ingredients"].items())), key=lambda kv: kv[1]["heldout"])
     assert results["methods"]["best_individual"]["heldout"] == pytest.approx(best[1]["heldout"])
     assert read_json(run_dir / "soups" / "best_individual.json")["members"] == [best[0]]
 
@@ -175,3 +176,24 @@ def test_reusing_ingredients_under_another_start_stops_naming_the_settings(tiny_
         run(compose_cfg(["experiment=tiny", "logger=none", "stages=[soup,evaluate,report]", "soup=[wise_ft]",
                          "finetune.linear_probe.weight_decay=0.5"], tmp_path))
     assert {p: b for p, b in snapshot(run_dir).items() if p in before} == before
+
+
+def test_the_linear_probe_counts_among_the_ingredients_as_the_release(tiny_run, tmp_path):
+    """finetune.probe_as_ingredient: the shared start (pretrained + linear probe) is one more ingredient, as the
+    released grid's model_0 ("LP initialization"); the fine-tuned ones are reused, the uniform soup averages all."""
+    run_dir = copy_of_run(tiny_run, tmp_path)
+    cfg = compose_cfg(["experiment=tiny", "logger=none", "stages=[finetune,soup]", "soup=[uniform]",
+                       "finetune.probe_as_ingredient=true"], tmp_path)
+    run(cfg)
+    lp = read_json(run_dir / "base" / "lp.json")
+    probe = f"lp-{lp['fingerprint'][:8]}"
+    meta = read_json(run_dir / "ingredients" / f"{probe}.json")
+    assert meta["heldout_acc"] == lp["heldout_acc"] and meta["base_fingerprint"] == lp["fingerprint"]
+    base = load_weights(run_dir / "base" / "lp.safetensors")
+    stored = load_weights(run_dir / "ingredients" / f"{probe}.safetensors")
+    assert stored.keys() == base.keys() and all(torch.equal(v, base[k]) for k, v in stored.items())
+    members = read_json(run_dir / "soups" / "uniform.json")["members"]
+    assert len(members) == len(tiny_run[1]["ingredients"]) + 1 and members[-1] == probe
+    grid = compose_cfg(["experiment=imagenet_finetune_vit_b32"], tmp_path)       # LP-FT, 71 fine-tuned + the probe
+    assert grid.finetune.probe_as_ingredient and grid.finetune.num_ingredients == 71
+    assert grid.finetune.linear_probe.max_iter > 0 and grid.finetune.linear_probe.init == "backbone"

@@ -102,5 +102,5 @@ def test_the_pipeline_keeps_per_image_correctness_and_reports_intervals(tiny_run
 
 
 def m_id(results: dict) -> str:
-    """The best individual's id: best held-out accuracy, ties to the smaller id (as sort_by_heldout)."""
-    return min(results["ingredients"], key=lambda g: (-results["ingredients"][g]["heldout"], g))
+    """The best individual's id: best held-out accuracy, ties to the later ingredient (as sort_by_heldout)."""
+    return max(reversed(list(results["ingredients"])), key=lambda g: results["ingredients"][g]["heldout"])

@@ -95,3 +95,47 @@ def test_progress_in_a_log_is_a_line_with_rate_and_eta(caplog):
     assert len(lines) == 2 and "\r" not in "".join(lines)
     assert lines[-1].startswith("ingredient 1/4: 50/100 (50%), ") and "it/s, ETA " in lines[-1]
     assert lines[-1].endswith("loss=0.412")
+
+
+@pytest.mark.parametrize("rand_aug", [None, "rand-m9-n2", "rand-m5-n0"])
+def test_timm_augment_is_model_soups_finetune_transform(rand_aug):
+    """augment=timm is model-soups finetune.py's `--timm-aug` train transform: timm's
+    `transforms_imagenet_train(img_size, mean=CLIP mean, std=CLIP std)` with the ingredient's RandAugment as
+    auto_augment (random interpolation; colour jitter 0.4 only without RandAugment; fill = CLIP mean). Built here
+    exactly as that script builds it (with Normalize, undone), under the same per-sample seeds."""
+    import random
+
+    import numpy as np
+    from timm.data.transforms_factory import transforms_imagenet_train
+
+    from soupbench.data.streaming import CLIP_MEAN
+
+    clip_std = (0.26862954, 0.26130258, 0.27577711)
+    official = transforms_imagenet_train(img_size=32, mean=CLIP_MEAN, std=clip_std, auto_augment=rand_aug)
+    assert any(type(t).__name__ == "ColorJitter" for t in official.transforms) == (rand_aug is None)
+    ours = train_transform("timm", 32, rand_aug, CLIP_MEAN)
+    x = torch.randint(0, 256, (3, 45, 60), dtype=torch.uint8)
+    state = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    outs = [ours(x, torch.Generator().manual_seed(s)) for s in range(6)]
+    assert random.getstate() == state[0] and (np.random.get_state()[1] == state[1]).all()
+    assert torch.equal(torch.get_rng_state(), state[2])                 # the caller's generators are untouched
+    for s, got in enumerate(outs):
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(s)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            ref = official(Image.fromarray(x.permute(1, 2, 0).numpy()))
+        ref = ((ref * torch.tensor(clip_std).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)) * 255).round()
+        assert got.shape == (3, 32, 32) and torch.equal(got, ref.to(torch.uint8)), s
+
+
+def test_model_soups_space_covers_the_released_hyperparameters():
+    """finetune/space=model_soups: weight decay from the released extremes (hparam_info.json: 8.19e-5 .. 0.527,
+    outside the 1e-4 .. 0.5 used before) and timm's ImageNet train transform."""
+    from tests.helpers import compose_cfg
+
+    space = compose_cfg(["finetune/space=model_soups"]).finetune.space
+    lo, hi = space.weight_decay.log_uniform
+    assert lo <= 8.191743025272303e-05 and hi >= 0.5273501016378894 and lo > 8e-5 and hi < 0.55
+    assert list(space.augment) == ["timm"]

@@ -79,3 +79,36 @@ def test_pipeline_hands_an_earlier_soup_and_rebuilds_when_it_changes(tiny_run, t
     write_json(run_dir / "soups" / "wise_ft.json", {**meta, "depends_on": {"greedy": "another-greedy"}})
     run(compose_cfg([*common, "soup=[greedy,wise_ft]"], tmp_path))          # greedy differs from what it used
     assert read_json(run_dir / "soups" / "wise_ft.json")["depends_on"] == {"greedy": greedy["fingerprint"]}
+
+
+def test_fixed_alpha_takes_the_papers_headline_without_choosing(tmp_path):
+    """alpha=0.5: the WiSE-FT paper's headline α, not chosen on held-out (the official code chooses none)."""
+    model = tiny_model()
+    base, ings = make_store(tmp_path, 3, scale=0.5, model=model)
+    res = wise_ft.build(context(model, base, ings, random_split(n=64), tmp_path), alpha=0.5)
+    theta = max(ings, key=lambda g: g.heldout_acc).load()
+    for k, v in theta.items():
+        expected = 0.5 * base[k] + 0.5 * v if v.is_floating_point() else v
+        torch.testing.assert_close(res.state[k], expected, rtol=0, atol=1e-6)
+    assert res.info["alpha"] == 0.5 and res.info["alpha_from"] == "fixed"
+    assert [s["alpha"] for s in res.info["heldout_by_alpha"]] == [0.5]
+
+
+def test_the_alpha_grid_is_reported_on_every_split(tiny_run, tmp_path):
+    """curve=true: the evaluate stage scores every α on every split (wise-ft src/wise_ft.py evaluates the whole
+    grid): results.json, results.txt and a plot. α = 1 is the target itself, the best individual."""
+    run_dir = copy_of_run(tiny_run, tmp_path)
+    results = run(compose_cfg(["experiment=tiny", "logger=none", "stages=[soup,evaluate,report]",
+                               "soup=[best_individual,wise_ft]", "soup.wise_ft.alphas=[0.0,0.5,1.0]",
+                               "soup.wise_ft.curve=true", "diagnostics.enabled=false",
+                               "report.bootstrap.num_samples=0"], tmp_path))
+    curve = results["methods"]["wise_ft"]["curve"]
+    assert [c["alpha"] for c in curve] == [0.0, 0.5, 1.0]
+    assert all(set(results["splits"]) <= set(c) for c in curve)
+    best = results["methods"]["best_individual"]
+    assert all(curve[-1][s] == pytest.approx(best[s]) for s in results["splits"])
+    chosen = read_json(run_dir / "soups" / "wise_ft.json")["info"]["alpha"]
+    point = next(c for c in curve if c["alpha"] == chosen)
+    assert all(point[s] == pytest.approx(results["methods"]["wise_ft"][s]) for s in results["splits"])
+    assert "wise_ft: every α of the grid" in (run_dir / "results.txt").read_text()
+    assert (run_dir / "plots" / "wise_ft_curve_wise_ft.png").is_file()

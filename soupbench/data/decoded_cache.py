@@ -12,11 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from soupbench.errors import DataError
 from soupbench.io import hash_settings
 from soupbench.rowfile import MappedRows, write_rows
 
+# part of every cache key: caches decoded by the earlier transform (long side and crop offset rounded the other
+# way, up to a pixel off torchvision's) are not reused
+TRANSFORM_VERSION = "torchvision-resize-bicubic-centercrop"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
@@ -37,20 +42,24 @@ def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, paths, labels
 
 
+def clip_eval_transform(im: Image.Image, size: int) -> Image.Image:
+    """CLIP's evaluation preprocessing before ToTensor, as the official code uses it (model-soups main.py takes
+    `clip.load`'s `preprocess`: torchvision `Resize(size, BICUBIC)`, `CenterCrop(size)`, then RGB): the short
+    side to `size` and the long side truncated, `int(size * long / short)`, then a crop whose offset is
+    *rounded*, `int(round((side - size) / 2))`. A 500x375 image becomes 298x224 and is cut from column 37.
+    Done by torchvision's own functions on the PIL image, so the result is theirs bit for bit."""
+    im = TF.resize(im, size, interpolation=InterpolationMode.BICUBIC)
+    im = TF.center_crop(im, size)
+    return im.convert("RGB")              # CLIP converts after resizing and cropping
+
+
 def _decode(path: Path, size: int, border: int = 0) -> np.ndarray:
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
             if border:                       # ObjectNet: its images carry a border that is cropped away first
                 w, h = im.size
                 im = im.crop((border, border, w - border, h - border))
-            # resize the short side, then centre-crop: the usual evaluation transform
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
+            im = clip_eval_transform(im, size)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
     except OSError as e:
         raise DataError(f"{path}: cannot decode image ({e})") from e
@@ -62,7 +71,7 @@ def decode_cached(paths: list[Path], root: Path, size: int, cache_dir: str | os.
     repeated run, or a greedy soup's many passes, never decodes a JPEG again. With a cache the images are
     decoded and written `chunk` at a time and come back memory-mapped (`MappedRows`), so neither decoding nor
     evaluating a 50,000-image split holds it in host memory; without one they are decoded into a tensor."""
-    key = hash_settings({"root": str(root), "size": size, "border": border,
+    key = hash_settings({"root": str(root), "size": size, "border": border, "transform": TRANSFORM_VERSION,
                          "files": [(str(p.relative_to(root)), p.stat().st_size) for p in paths]})
     cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():

@@ -123,9 +123,25 @@ def read_heldout_index(path: Path, num_train: int) -> list[bool]:
     return flags.astype(bool).tolist()
 
 
+def check_heldout_file(heldout: list[Path], index: str | Path, position: int, name: str | None) -> None:
+    """The official code's check that the index selects the same files on this machine (model-soups utils.py,
+    `test_model_on_dataset`: `sampler.indices[1000]` must name a file ending in `n01675722_4108.JPEG`): the
+    flagged file at `position` (0-based) must be `name`. A listing sorted or filtered another way passes the
+    length check with every flag on the wrong image; this catches it. `name` None: no check."""
+    if name is None:
+        return
+    if position >= len(heldout) or not str(heldout[position]).endswith(name):
+        found = heldout[position].name if position < len(heldout) else f"none ({len(heldout)} flagged)"
+        raise DataError(f"{index}: the held-out image at position {position} must be {name} (as model-soups "
+                        f"checks), found {found}: the train listing differs from the one the index was made for "
+                        "(dataset.heldout_check_file=null skips this check)")
+
+
 def imagenet_splits(root: Path, heldout_fraction: float, split_seed: int, check_counts: bool,
-                    heldout_index: str | None = None) -> dict[str, tuple[list[Path], list[int]]]:
-    """File lists of train (minus held-out), held-out and test (= val)."""
+                    heldout_index: str | None = None, heldout_check_position: int = 1000,
+                    heldout_check_file: str | None = None) -> dict[str, tuple[list[Path], list[int]]]:
+    """File lists of train (minus held-out), held-out and test (= val). With an index, its flagged file at
+    `heldout_check_position` must be `heldout_check_file` (`check_heldout_file`)."""
     wnids = imagenet_wnids()
     index = {w: i for i, w in enumerate(wnids)}
     out = {}
@@ -145,6 +161,8 @@ def imagenet_splits(root: Path, heldout_fraction: float, split_seed: int, check_
         held = [in_heldout(str(p.relative_to(root)), heldout_fraction, split_seed) for p in paths]
     out["heldout"] = ([p for p, h in zip(paths, held, strict=True) if h],
                       [y for y, h in zip(labels, held, strict=True) if h])
+    if heldout_index is not None:
+        check_heldout_file(out["heldout"][0], heldout_index, heldout_check_position, heldout_check_file)
     out["train"] = ([p for p, h in zip(paths, held, strict=True) if not h],
                     [y for y, h in zip(labels, held, strict=True) if not h])
     out["test"] = out.pop("val")
@@ -221,7 +239,8 @@ def objectnet_mapping(folder: Path) -> dict[str, list[int]]:
 def load(root: str, image_size: int, heldout_fraction: float, split_seed: int, num_train: int | None,
          num_heldout: int | None, num_test: int | None, num_ood: int | None, ood: Mapping[str, str],
          check_counts: bool, cache_dir: str | None, workers: int, heldout_index: str | None = None,
-         stream_train: bool = False) -> DataBundle:
+         stream_train: bool = False, heldout_check_position: int = 1000,
+         heldout_check_file: str | None = None) -> DataBundle:
     """ImageNet + shifts as uint8 splits. `num_*` cap a split (null: all) with a fixed sample, for quick checks
     and for runs that only soup and evaluate imported ingredients (`num_train: 0`). `stream_train`: train stays
     a list of files, decoded and augmented by the fine-tuning DataLoader's workers (1.28 M images at 224 px
@@ -232,7 +251,8 @@ def load(root: str, image_size: int, heldout_fraction: float, split_seed: int, n
     if not root_path.is_dir():
         raise DataError(f"dataset.root: ImageNet folder not found: {root_path} (set paths.imagenet=/path/to/imagenet "
                         "with train/ and val/ class folders)")
-    files = imagenet_splits(root_path, heldout_fraction, split_seed, check_counts, heldout_index)
+    files = imagenet_splits(root_path, heldout_fraction, split_seed, check_counts, heldout_index,
+                            heldout_check_position, heldout_check_file)
     source = f"index:{Path(heldout_index).name}" if heldout_index else f"hash:{heldout_fraction}:{split_seed}"
     caps = {"train": num_train, "heldout": num_heldout, "test": num_test}
     splits = {name: _split(name, root_path, *_cap(*files[name], caps[name], split_seed), image_size, cache_dir,

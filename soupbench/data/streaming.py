@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as TF
 
 from soupbench.data import Split
+from soupbench.data.decoded_cache import clip_eval_transform
 from soupbench.errors import ConfigError, DataError
 
-AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip")
+AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip", "timm")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
@@ -59,10 +61,11 @@ def _resized_crop(x: torch.Tensor, size: int, gen: torch.Generator, scale: tuple
 
 
 def _center(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the short side to `size` and centre-crop: the evaluation transform, for full-size files."""
+    """Resize the short side to `size` and centre-crop: the evaluation transform, for full-size files. The
+    same PIL path as the decoded caches (CLIP's Resize(bicubic) + CenterCrop, `clip_eval_transform`)."""
     if x.shape[-2:] == (size, size):
         return x
-    return TF.center_crop(TF.resize(x, size, antialias=True), [size, size])
+    return TF.pil_to_tensor(clip_eval_transform(TF.to_pil_image(x), size))
 
 
 def _rand_augment(spec: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
@@ -90,12 +93,52 @@ def _rand_augment(spec: str) -> Callable[[torch.Tensor, torch.Generator], torch.
     return apply
 
 
-def train_transform(augment: str, size: int, randaugment: str | None = None) -> Transform:
+def _timm_imagenet_train(size: int, randaugment: str | None, mean: tuple[float, ...]) -> Transform:
+    """timm's `transforms_imagenet_train` without its ToTensor/Normalize, as model-soups finetune.py builds it
+    (`--timm-aug`: `transforms_imagenet_train(img_size=224, mean=CLIP mean, std=CLIP std)`, with the ingredient's
+    RandAugment string as `auto_augment`): random-resized crop with a random interpolation (bilinear or bicubic),
+    horizontal flip, then RandAugment (fill = the mean x 255 rounded, translate 45 % of the size, random
+    interpolation) or, without one, ColorJitter(0.4, 0.4, 0.4). A RandAugment string with 0 layers
+    (`rand-m5-n0`, drawn in the released grid) disables the colour jitter and applies nothing, as in timm.
+    timm draws from `random`, numpy and torch's global generators: each sample seeds all three from its own
+    generator and puts them back afterwards."""
+    from timm.data.transforms_factory import transforms_imagenet_train
+
+    auto = randaugment if randaugment not in (None, "", "none") else None
+    try:
+        primary, secondary, _ = transforms_imagenet_train(img_size=size, mean=tuple(mean), auto_augment=auto,
+                                                          separate=True)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f"randaugment={randaugment!r}: not a timm RandAugment string like 'rand-m9-n2' ({e})") from e
+
+    def apply(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            try:
+                out = secondary(primary(TF.to_pil_image(x)))
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        return TF.pil_to_tensor(out).contiguous()
+
+    return apply
+
+
+def train_transform(augment: str, size: int, randaugment: str | None = None,
+                    mean: tuple[float, ...] = CLIP_MEAN) -> Transform:
     """uint8 (3, H, W) -> uint8 (3, size, size). `augment`: none | crop (pad and random-crop) | crop_flip |
-    rrc_flip (random-resized crop and horizontal flip, the ImageNet recipe); `randaugment`: a timm string, or
-    None / "none" for no RandAugment."""
+    rrc_flip (random-resized crop and horizontal flip, bilinear, no colour jitter) | timm (timm's
+    `transforms_imagenet_train` as model-soups finetune.py uses it, see `_timm_imagenet_train`; `mean`: the
+    backbone's normalisation mean, RandAugment's fill); `randaugment`: a timm string, or None / "none" for no
+    RandAugment."""
     if augment not in AUGMENTS:
         raise ConfigError(f"finetune augment={augment!r}: expected one of {list(AUGMENTS)}")
+    if augment == "timm":
+        return _timm_imagenet_train(size, randaugment, mean)
     rand_aug = _rand_augment(randaugment) if randaugment not in (None, "", "none") else None
 
     def transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

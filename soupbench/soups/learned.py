@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -230,11 +231,32 @@ def validation_loss(model: torch.nn.Module, centre: Mapping[str, torch.Tensor] |
     return total.item() / max(1, len(labels))
 
 
-def block_order(num_models: int, block_size: int, num_passes: int, shuffle: bool, seed: int) -> list[list[int]]:
+MODEL_ORDERS = ("torch", "mehl_official")
+# MEHL-Soup utils.py get_datasets draws `np.random.permutation(len(train_dataset))` of ImageNet train right after
+# set_seed, before MEHL_soup_layer.py shuffles the models: the official blocks depend on that draw too
+MEHL_OFFICIAL_FIRST_DRAW = 1_281_167
+
+
+def block_order(num_models: int, block_size: int, num_passes: int, shuffle: bool, seed: int,
+                model_order: str = "torch") -> list[list[int]]:
     """Blocks of ingredient indices, pass after pass; each pass reshuffles the models (MEHL-Soup shuffles
-    before cutting blocks) with a generator seeded by `seed`, so the blocks do not depend on file order."""
-    gen = torch.Generator().manual_seed(seed)
+    before cutting blocks), so the blocks do not depend on file order. `model_order`: `torch` (soupbench's
+    default: `torch.randperm` from a generator seeded by `seed`) or `mehl_official`, the official code's numpy
+    stream (MEHL_soup_layer.py: `set_seed(seed)`, then utils.py's permutation of the 1,281,167 ImageNet train
+    images, then `np.random.shuffle(models)` of [0..K) once per pass, on the list the last pass left): with
+    run.sh's seed 1 and 72 models, the blocks [70, 21, 45, 19, ...]. The global numpy state is left as it was."""
+    if model_order not in MODEL_ORDERS:
+        raise ConfigError(f"model_order={model_order!r}: expected one of {list(MODEL_ORDERS)}")
     blocks = []
+    if model_order == "mehl_official" and shuffle:
+        rng = np.random.RandomState(seed)           # = np.random.seed(seed): the same Mersenne Twister stream
+        rng.permutation(MEHL_OFFICIAL_FIRST_DRAW)
+        order = list(range(num_models))
+        for _ in range(num_passes):
+            rng.shuffle(order)
+            blocks += [order[i:i + block_size] for i in range(0, num_models, block_size)]
+        return blocks
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(num_passes):
         order = torch.randperm(num_models, generator=gen).tolist() if shuffle else list(range(num_models))
         blocks += [order[i:i + block_size] for i in range(0, num_models, block_size)]
@@ -247,7 +269,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
           batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0, schedule: str = "cosine",
           warmup_frac: float = 0.2, max_grad_norm: float | None = 1.0, clip: str = "model",
           logit_scale: str = "fixed", temperature: float = 1.0, init: float = 0.0, coef_l2: float = 0.0,
-          val_fraction: float = 0.0, seed: int = 0, distributed: str = "auto") -> SoupResult:
+          val_fraction: float = 0.0, seed: int = 0, distributed: str = "auto", model_order: str = "torch"
+          ) -> SoupResult:
     """See the module docstring. With few held-out images the layer-wise variants fit thousands of coefficients
     and overfit; three settings counter that: coarser groups (`layer_size`), `coef_l2` toward the centre, and
     `val_fraction`: that share of the held-out images is kept out of the inner steps, and each block keeps the
@@ -285,6 +308,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                     weight_decay=weight_decay, schedule=schedule, warmup_frac=warmup_frac,
                     max_grad_norm=max_grad_norm, clip=clip, logit_scale=logit_scale, temperature=temperature,
                     init=init, coef_l2=coef_l2, val_fraction=val_fraction, seed=seed)
+    if model_order != "torch":                 # in the key only when set: earlier resume states stay valid
+        settings["model_order"] = model_order
     key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ctx.ingredients],
                          "data": ctx.data_key, "precision": ctx.precision})
     dev = ctx.device
@@ -297,7 +322,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     shuffled = torch.randperm(len(heldout_y), generator=split_gen).to(heldout_x.device)
     num_val = int(round(val_fraction * len(heldout_y)))
     val_idx, fit_idx = shuffled[:num_val], shuffled[num_val:]
-    blocks = block_order(K, b, num_passes, shuffle_models and parameterisation == "affine", seed)
+    blocks = block_order(K, b, num_passes, shuffle_models and parameterisation == "affine", seed, model_order)
 
     state = ranks.from_first(_resume(ctx, key, len(names)) if ranks.main else None)
     soup, raw, losses, start = state["soup"], state["raw"], state["losses"], state["next_block"]

@@ -17,31 +17,50 @@ averages them all); integer buffers are the first ingredient's. Degenerate cases
 k = 1 gives that ingredient (t = 1); a zero task vector has no direction and counts as cosine 0 with every
 other; a tensor no ingredient changed keeps θ0 (= the average); a negative mean cosine is clamped to 0 (t = 0,
 θ0), since the formula is meant for agreeing directions and would leave [0, 1] there.
+
+What is the paper's and what is soupbench's (`form`): the paper's method merges k = 2 fine-tuned models, with
+one angle per tensor between their two task vectors, t = 2·cos θ / (1 + cos θ), and no clamp (a negative cosine
+gives t < 0: the soup moves past θ0, away from the average). `form: paper` is that, on the first two ingredients
+(in the given order; `ingredients.limit` or `exclude_top` choose others), t unclamped. `form: soupbench` (the
+default) is soupbench's generalisation: all k ingredients, the *mean* pairwise cosine in the k-model ratio
+(for k = 2 it is the paper's cosine and formula), and the clamp of a negative mean cosine to 0. The two forms
+agree for two ingredients whose task vectors do not point apart.
 """
 
 from __future__ import annotations
 
 import torch
 
+from soupbench.errors import ConfigError
 from soupbench.soups.averaging import is_averaged, stream_states
 from soupbench.soups.context import SoupContext, SoupResult
 
 
 def interpolation_ratio(cos: float, k: int) -> float:
-    """t = k·cos / (1 + (k − 1)·cos) for cos in [0, 1]; 1 for a single model."""
+    """t = k·cos / (1 + (k − 1)·cos) (cos in [0, 1] under the clamp; the paper's k = 2 form also takes
+    cos in (−1, 0), where t < 0); 1 for a single model."""
     if k == 1:
         return 1.0
     return k * cos / (1.0 + (k - 1) * cos)
 
 
-def build(ctx: SoupContext) -> SoupResult:
+FORMS = ("soupbench", "paper")
+
+
+def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:
+    if form not in FORMS:
+        raise ConfigError(f"soup.model_stock.form={form!r}: expected one of {list(FORMS)}")
+    ingredients = ctx.ingredients[:2] if form == "paper" else ctx.ingredients
+    if form == "paper" and len(ingredients) < 2:
+        raise ConfigError("soup.model_stock.form=paper merges two fine-tuned models: "
+                          f"{len(ingredients)} ingredient(s) given")
     base = ctx.start_weights("soup.model_stock")
-    k = len(ctx.ingredients)
+    k = len(ingredients)
     total: dict[str, torch.Tensor] = {}          # Σ θ_i
     unit_sum: dict[str, torch.Tensor] = {}       # Σ τ_i / ||τ_i|| over the non-zero τ_i
     nonzero: dict[str, int] = {}
     first: dict[str, torch.Tensor] = {}
-    for _, state in stream_states(ctx.ingredients):
+    for _, state in stream_states(ingredients):
         for name, v in state.items():
             first.setdefault(name, v)
             if not is_averaged(v):
@@ -70,19 +89,35 @@ def build(ctx: SoupContext) -> SoupResult:
                 unchanged.append(name)
         else:
             cos = (float(unit_sum[name].pow(2).sum()) - m) / (k * (k - 1))
-            if cos < 0:
-                clamped.append(name)
-            cos = min(max(cos, 0.0), 1.0)
-            t = interpolation_ratio(cos, k)
+            if form == "paper":                 # the paper's ratio as it stands: t < 0 for a negative cosine
+                cos = min(max(cos, -1.0), 1.0)
+                if cos <= -1.0:                  # exactly opposite task vectors: the ratio has no value
+                    t = 0.0
+                    clamped.append(name)
+                else:
+                    t = interpolation_ratio(cos, k)
+            else:
+                if cos < 0:
+                    clamped.append(name)
+                cos = min(max(cos, 0.0), 1.0)
+                t = interpolation_ratio(cos, k)
         avg = total[name] / k
         soup[name] = (t * avg + (1.0 - t) * base[name].double()).to(v.dtype)
         per_tensor[name] = {"cos": cos, "t": t}
     ts = [p["t"] for p in per_tensor.values()]
-    info = {"k": k, "per_tensor": per_tensor, "mean_t": sum(ts) / len(ts) if ts else None,
+    negative = [n for n, p in per_tensor.items() if p["t"] < 0]
+    info = {"k": k, "form": form, "per_tensor": per_tensor, "negative_t_tensors": negative,
+            "mean_t": sum(ts) / len(ts) if ts else None,
             "unchanged_tensors": unchanged, "clamped_tensors": clamped,
             "notes": [n for n, cond in (
                 ("k = 1: the soup is that ingredient", k == 1),
                 (f"{len(unchanged)} tensor(s) no ingredient changed: kept at θ0", bool(unchanged)),
-                (f"{len(clamped)} tensor(s) with a negative mean cosine: clamped to 0, kept at θ0", bool(clamped)),
+                (f"{len(clamped)} tensor(s) with a negative mean cosine: clamped to 0, kept at θ0",
+                 bool(clamped) and form == "soupbench"),
+                (f"{len(clamped)} tensor(s) with exactly opposite task vectors: kept at θ0",
+                 bool(clamped) and form == "paper"),
+                (f"{len(negative)} tensor(s) with t < 0 (the paper's form, unclamped): past θ0", bool(negative)),
+                (f"the paper's form: the first two of {len(ctx.ingredients)} ingredients",
+                 form == "paper" and len(ctx.ingredients) > 2),
             ) if cond]}
-    return SoupResult([g.id for g in ctx.ingredients], soup, info)
+    return SoupResult([g.id for g in ingredients], soup, info)

@@ -5,9 +5,16 @@ shared start θ0 and a fine-tuned model,
 
 the robust fine-tuning baseline the model-soups paper compares with. θ0 is the start every ingredient was
 fine-tuned from (pretrained + linear probe); the target is the best ingredient by held-out accuracy
-(`target: best_individual`) or a soup built earlier in the same run (`target: greedy`). α is chosen on
-held-out accuracy from a grid; ties go to the smaller α (closer to the start, which WiSE-FT found more robust
-under distribution shift). Integer buffers are the target's.
+(`target: best_individual`) or a soup built earlier in the same run (`target: greedy`). Integer buffers are
+the target's.
+
+Which α. The official code (wise-ft src/wise_ft.py) chooses none: it evaluates every α of `--alpha 0 0.1 ...
+1.0` on every dataset and the paper reports the curve, its headline numbers at α = 0.5. soupbench's soup is one
+set of weights: `alpha: null` (the default) chooses it on held-out accuracy from `alphas` (ties: the smaller α,
+closer to the start, which WiSE-FT found more robust under distribution shift); `alpha: 0.5` takes the paper's
+headline α without looking at held-out. With `curve: true` the evaluate stage also scores every α of `alphas`
+on every split (results.json `methods.wise_ft.curve`, results.txt, plots/wise_ft_curve_<name>.png): the curve
+the paper reports.
 """
 
 from __future__ import annotations
@@ -32,11 +39,19 @@ def interpolate(start: Mapping[str, torch.Tensor], target: Mapping[str, torch.Te
             for k, v in target.items()}
 
 
-def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[float] = DEFAULT_ALPHAS
-          ) -> SoupResult:
+def target_weights(target: str, info_members: list[str], load_ingredient, load_soup) -> dict[str, torch.Tensor]:
+    """The θ_target a built WiSE-FT soup interpolated toward (for the α curve): the ingredient it named, or
+    the earlier soup's saved weights."""
+    return load_ingredient(info_members[0]) if target == "best_individual" else load_soup(target)
+
+
+def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[float] = DEFAULT_ALPHAS,
+          alpha: float | None = None, curve: bool = False) -> SoupResult:
     alphas = [float(a) for a in alphas]
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise ConfigError(f"soup.wise_ft.alphas={alphas}: expected a non-empty list of values in [0, 1]")
+    if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"soup.wise_ft.alpha={alpha}: expected null (chosen on held-out) or a value in [0, 1]")
     base = ctx.start_weights("soup.wise_ft")
     target_logits = None
     if target == "best_individual":
@@ -47,7 +62,8 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
         earlier = ctx.earlier_soup(target)
         members, theta = earlier.members, earlier.state
     scores = []
-    for a in tqdm(alphas, desc="wise-ft alphas", disable=not ctx.progress, leave=False):
+    grid = alphas if alpha is None else [float(alpha)]          # a fixed α: one held-out pass, for the record
+    for a in tqdm(grid, desc="wise-ft alphas", disable=not ctx.progress, leave=False):
         if a == 1.0 and target_logits is not None:
             acc = ctx.heldout_score(target_logits)
         else:
@@ -56,4 +72,5 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
     chosen = max(scores, key=lambda s: (s["heldout_acc"], -s["alpha"]))
     return SoupResult(members, interpolate(base, theta, chosen["alpha"]),
                       {"target": target, "alpha": chosen["alpha"], "heldout_acc": chosen["heldout_acc"],
-                       "heldout_by_alpha": scores})
+                       "alpha_from": "heldout" if alpha is None else "fixed", "heldout_by_alpha": scores,
+                       "curve_alphas": alphas if curve else []})
