@@ -180,7 +180,8 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     if settings.batch_size % world.size:
         raise ConfigError(f"finetune.batch_size={settings.batch_size} does not divide over {world.size} ranks")
     local_batch = settings.batch_size // world.size
-    mean = tuple((model.pixel_mean.flatten() / 255.0).tolist())        # RandAugment's fill under augment=timm
+    # RandAugment's fill under augment=timm, read from the host (one device read per ingredient otherwise)
+    mean = tuple((model.pixel_mean.flatten().cpu() / 255.0).tolist()) if hp.get("augment") == "timm" else None
     data = TrainImages(train, train_transform(str(hp.get("augment", "none")), settings.image_size,
                                               hp.get("randaugment"), mean), seed)
     epochs = int(hp["epochs"])

@@ -129,16 +129,16 @@ def _timm_imagenet_train(size: int, randaugment: str | None, mean: tuple[float, 
 
 
 def train_transform(augment: str, size: int, randaugment: str | None = None,
-                    mean: tuple[float, ...] = CLIP_MEAN) -> Transform:
+                    mean: tuple[float, ...] | None = None) -> Transform:
     """uint8 (3, H, W) -> uint8 (3, size, size). `augment`: none | crop (pad and random-crop) | crop_flip |
     rrc_flip (random-resized crop and horizontal flip, bilinear, no colour jitter) | timm (timm's
     `transforms_imagenet_train` as model-soups finetune.py uses it, see `_timm_imagenet_train`; `mean`: the
-    backbone's normalisation mean, RandAugment's fill); `randaugment`: a timm string, or None / "none" for no
-    RandAugment."""
+    backbone's normalisation mean, RandAugment's fill, CLIP's when None); `randaugment`: a timm string, or
+    None / "none" for no RandAugment."""
     if augment not in AUGMENTS:
         raise ConfigError(f"finetune augment={augment!r}: expected one of {list(AUGMENTS)}")
     if augment == "timm":
-        return _timm_imagenet_train(size, randaugment, mean)
+        return _timm_imagenet_train(size, randaugment, CLIP_MEAN if mean is None else mean)
     rand_aug = _rand_augment(randaugment) if randaugment not in (None, "", "none") else None
 
     def transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
