@@ -77,13 +77,15 @@ def source_files(spec: str | Path | Sequence[str | Path], setting: str = "ingred
 
 def _torch_load(path: Path) -> object:
     """torch.load with weights_only=True, plus the plain records training scripts store beside the weights:
-    timm's train.py keeps its argparse Namespace, others numpy scalars (data only, never code)."""
+    timm's train.py keeps its argparse Namespace, others numpy scalars and arrays (data only, never code: an
+    object inside them still needs its own allowance)."""
     import argparse
 
     import numpy as np
 
-    safe = [argparse.Namespace, np.dtype, np.core.multiarray.scalar]
-    safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    core = getattr(np, "_core", None) or np.core               # numpy 2 renamed np.core
+    safe = [argparse.Namespace, np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
+    safe += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "uint8", "bool")]
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)

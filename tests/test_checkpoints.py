@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -84,6 +85,9 @@ def test_every_format_reads_as_the_same_weights(tmp_path):
                             checkpoint_dir=str(tmp_path / "timm"), recovery_dir=str(tmp_path / "timm"))
     saver.save_checkpoint(epoch=0, metric=0.5)
     files["timm"] = tmp_path / "timm" / "model_best.pth.tar"
+    # a plain training script that keeps numpy records beside the weights
+    torch.save({"state_dict": net.state_dict(), "best_acc": np.float64(0.5), "history": np.array([0.1, 0.2])},
+               files.setdefault("numpy_records", tmp_path / "records.pth"))
     save_for_hf(net, str(tmp_path / "hf"), safe_serialization=True)
     files["huggingface"] = tmp_path / "hf"
     (tmp_path / "sharded").mkdir()
