@@ -105,8 +105,9 @@ def _state_of(item: IngredientLike, template: Mapping[str, torch.Tensor], key_ma
 
 def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Module, heldout: HeldoutLike, *,
          start: IngredientLike | None = None, metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
-         device: str | torch.device | None = None, batch_size: int = 256, key_map: Mapping[str, str] | None = None,
-         ema: bool = False, progress: bool = True, work_dir: str | Path | None = None, **settings: Any) -> Soup:
+         device: str | torch.device | None = None, batch_size: int = 256, precision: str = "fp32",
+         key_map: Mapping[str, str] | None = None, ema: bool = False, start_check_ratio: float | None = None,
+         progress: bool = True, work_dir: str | Path | None = None, **settings: Any) -> Soup:
     """Build the soup `method` (one of METHODS) of `ingredients` on `heldout` and return it.
 
     ingredients: checkpoint paths (any format soupbench reads; DDP/compile prefixes stripped), a folder or glob
@@ -117,13 +118,16 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
         own weights, measured against the ingredients before a method uses it.
     metric: (logits (N, C), labels (N,)) -> float, higher is better, for held-out selection (default: top-1
         accuracy in percent); learned soups minimise cross-entropy whatever the metric.
-    device: default CUDA when available; batch_size: inference batch; settings: the method's settings
-        (`conf/soup/<method>.yaml`), e.g. accept=">" for greedy.
+    device: default CUDA when available; batch_size: inference batch; precision: fp32 (default) | bf16 | auto,
+        the autocast of every forward pass (the whole model: its head too); start_check_ratio: the measured
+        start check's bound (default: `ingredients.start_check_ratio` of conf/config.yaml); settings: the
+        method's settings (`conf/soup/<method>.yaml`), e.g. accept=">" for greedy.
     Ingredients are staged as safetensors in `work_dir` (default: a temporary folder, removed after)."""
     from soupbench.backbones.depthwise_grad import set_depthwise_grad
     from soupbench.checkpoints import source_files
-    from soupbench.evaluate import predict
-    from soupbench.importers import check_start
+    from soupbench.evaluate import percent, predict
+    from soupbench.importers import check_start, rounding_tolerance
+    from soupbench.io import to_device
     from soupbench.runtime import resolve_device, set_memory_format
     from soupbench.soups.context import SoupContext, SoupResult
 
@@ -146,10 +150,11 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
     scores: dict[str, torch.Tensor] = {}
 
     def score(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return predict(net, x_dev, batch_size, dev, state)
+        """Logits (N, C) on the CPU of the model with weights `state` (any device)."""
+        return predict(net, x_dev, batch_size, dev, to_device(state, dev), precision=precision)
 
     def selection(logits: torch.Tensor) -> float:
-        return float(metric(logits, y)) if metric is not None else 100.0 * (logits.argmax(1) == y).float().mean().item()
+        return float(metric(logits, y)) if metric is not None else percent(logits.argmax(1) == y)
 
     with tempfile.TemporaryDirectory(prefix="soupbench-") as tmp:
         store = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -164,7 +169,10 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
         problem = None
         uses_start = method in USES_START or kwargs.get("centre") == "base"
         if uses_start and start is None:
-            check = check_start(staged, base, 10.0)
+            ratio = start_check_ratio if start_check_ratio is not None else _config_default("ingredients",
+                                                                                            "start_check_ratio")
+            check = check_start(staged, base, float(ratio), [n for n, _ in model.named_parameters()],
+                                rounding_tolerance(staged))
             if not check["passed"]:
                 problem = (f"the ingredients were not fine-tuned from the template model's weights (measured on "
                            f"{check['failed'][0]['tensor']}): pass start=<the checkpoint they started from>")
@@ -176,6 +184,15 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
                           start_problem=problem, metric=lambda logits, _labels: selection(logits))
         result: SoupResult = build(ctx, **kwargs)
     return Soup(method, result.state, result.members, {g.id: g.heldout_acc for g in staged}, result.info)
+
+
+def _config_default(group: str, key: str) -> Any:
+    """A default of conf/config.yaml, the one place defaults are written."""
+    from omegaconf import OmegaConf
+
+    import soupbench
+
+    return OmegaConf.load(Path(soupbench.CONFIG_DIR) / "config.yaml")[group][key]
 
 
 def _unique_names(items: Sequence[IngredientLike]) -> list[str]:

@@ -29,6 +29,7 @@ import torch
 
 from soupbench.backbones.source_keys import SourceKeys
 from soupbench.errors import CheckpointError, ConfigError
+from soupbench.ingredients import natural_key
 
 FORMATS = ("auto", "state_dict", "timm", "lightning", "open_clip", "huggingface", "model_soups")
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")     # .tar: timm train.py's model_best.pth.tar
@@ -37,10 +38,8 @@ FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # where training scripts nest the weights inside a checkpoint dict, in the order they are tried
 NESTED = ("state_dict", "model", "module", "model_state_dict", "net")
-
-
-def natural_key(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+# where EMA weights are kept: timm train.py (state_dict_ema), DeiT / ConvNeXt's official training (model_ema)
+EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
 def is_model_folder(path: Path) -> bool:
@@ -149,16 +148,17 @@ def _is_state(obj: object) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def unwrap(obj: object, path: Path, fmt: str = "auto", ema: bool = False) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict inside a loaded checkpoint and the format it was found in. `ema`: timm's
-    `state_dict_ema` (an error when the file has none)."""
+def unwrap(obj: object, path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict inside a loaded checkpoint and the format it was found in. `ema`: the EMA weights
+    (`state_dict_ema` or `model_ema`; an error when the file has neither)."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict or a checkpoint dict, found {type(obj).__name__}")
     if ema:
-        if not _is_state(obj.get("state_dict_ema")):
-            raise CheckpointError(f"{path}: ingredients.ema=true but the file has no state_dict_ema "
+        key = next((k for k in EMA_KEYS if _is_state(obj.get(k))), None)
+        if key is None:
+            raise CheckpointError(f"{path}: ingredients.ema=true but the file has no {' or '.join(EMA_KEYS)} "
                                   f"(keys: {sorted(map(str, obj))[:6]})")
-        return dict(obj["state_dict_ema"]), "timm"
+        return dict(obj[key]), "timm"
     if _is_state(obj):
         return dict(obj), ("model_soups" if any(k.startswith("classification_head.") for k in obj)
                            and any(k.startswith("model.visual.") for k in obj) else "state_dict")
@@ -188,7 +188,7 @@ def read_checkpoint(path: str | Path, fmt: str = "auto", ema: bool = False
     if path.is_dir():
         state, kind = _read_folder(path), "huggingface"
     elif path.is_file():
-        state, kind = unwrap(_load_file(path), path, fmt, ema)
+        state, kind = unwrap(_load_file(path), path, ema)
     else:
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     compatible = {"auto": {kind}, "state_dict": {"state_dict", "model_soups"}, "timm": {"timm", "state_dict"},
@@ -221,8 +221,10 @@ def apply_key_map(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str] 
 
 
 def _prefix_candidates(keys: Sequence[str], anchor: str) -> list[str]:
-    """Prefixes p such that p + anchor is a key: where the backbone's first tensor sits in the file."""
-    return sorted({k[: len(k) - len(anchor)] for k in keys if k.endswith(anchor)}, key=len)
+    """Prefixes p (empty, or ending in a dot: whole module names) such that p + anchor is a key: where the
+    backbone's first tensor sits in the file."""
+    found = {k[: len(k) - len(anchor)] for k in keys if k.endswith(anchor)}
+    return sorted((p for p in found if p == "" or p.endswith(".")), key=len)
 
 
 def match_state(raw: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor], source: SourceKeys | None,
@@ -246,7 +248,7 @@ def match_state(raw: Mapping[str, torch.Tensor], template: Mapping[str, torch.Te
         names[source.library] = {source.to_source(k): k for k in template}
     head_keys = [k for k in template if k.startswith("head.")] if optional_head else []
     encoder_keys = [k for k in template if k not in head_keys]
-    found = []
+    found = []                       # (extra tensors, naming, prefix, stripped, to_ours, reading)
     for naming, to_ours in names.items():
         ours_to = {v: k for k, v in to_ours.items()}
         anchor = ours_to[encoder_keys[0]]
@@ -254,26 +256,31 @@ def match_state(raw: Mapping[str, torch.Tensor], template: Mapping[str, torch.Te
             stripped = {k[len(prefix):]: k for k in state if k.startswith(prefix)}
             if all(ours_to[e] in stripped for e in encoder_keys):
                 reading = {stripped[ours_to[e]]: e for e in encoder_keys}
-                if all(r != reading for *_, r in found):       # soupbench's names under `encoder.` read the same
-                    found.append((naming, prefix, stripped, to_ours, reading))
+                extra = [full for name, full in stripped.items() if name not in to_ours
+                         and not (source is not None and source.ignored(name)) and not _is_head_alias(name, source)]
+                found.append((extra, naming, prefix, stripped, to_ours, reading))
     if not found:
         raise CheckpointError(_mismatch_message(path, list(state), [names[n] for n in names][-1], encoder_keys))
-    if len(found) > 1:
-        shown = ", ".join(f"'{p}' ({n} names)" for n, p, *_ in found)
+    # one reading per set of file tensors: of the namings that read the same tensors (soupbench's names under
+    # `encoder.` are timm's under the prefix `encoder.`), the one that accounts for the most tensors
+    found.sort(key=lambda c: len(c[0]))
+    distinct: list = []
+    for cand in found:
+        if not any(set(cand[5]) == set(d[5]) or _same_tensors(state, cand[5], d[5]) for d in distinct):
+            distinct.append(cand)
+    if len(distinct) > 1:
+        shown = ", ".join(f"'{c[2]}' ({c[1]} names)" for c in distinct)
+        other = re.escape(distinct[1][2])
         raise CheckpointError(f"{path}: ambiguous: the backbone's tensors are there under several prefixes ({shown}); "
-                              "choose one with ingredients.key_map, e.g. {'^ema_model\\.': ''} to drop a copy")
-    naming, prefix, stripped, to_ours, _ = found[0]
-    out: dict[str, torch.Tensor] = {}
-    extra = []
-    for name, full in stripped.items():
-        if name in to_ours:
-            out[to_ours[name]] = state[full]
-        elif not (source is not None and source.ignored(name)) and not _is_head_alias(name, source):
-            extra.append(full)
+                              f"choose one with ingredients.key_map, e.g. {{'^{other}.*': ''}} drops the "
+                              f"'{distinct[1][2]}' copy")
+    extra, naming, prefix, stripped, to_ours, _ = distinct[0]
+    out: dict[str, torch.Tensor] = {name_ours: state[stripped[name]] for name, name_ours in to_ours.items()
+                                    if name in stripped}
     if extra:
         raise CheckpointError(f"{path}: {len(extra)} tensors the backbone does not have, e.g. {extra[:3]} "
                               f"(another architecture? drop them with ingredients.key_map, e.g. "
-                              f"{{'^{re.escape(extra[0].rsplit('.', 1)[0])}\\.': ''}})")
+                              f"{{'^{re.escape(extra[0].rsplit('.', 1)[0])}\\..*': ''}})")
     head = _find_head(state, prefix, source, head_keys, path) if head_keys else {}
     info: dict = {"key_names": naming, "prefix": prefix, "dropped_outside_prefix":
                   sum(1 for k in state if not k.startswith(prefix))}
@@ -298,8 +305,16 @@ def match_state(raw: Mapping[str, torch.Tensor], template: Mapping[str, torch.Te
 
 
 def _is_head_alias(name: str, source: SourceKeys | None) -> bool:
+    """A classifier's weight or bias under one of the names the library gives it (read by `_find_head`); a
+    second classifier (DeiT's head_dist) or a head with more tensors (LeViT's head.bn) is not one."""
     heads = source.head_candidates() if source is not None else ["head"]
-    return any(name.startswith(h + ".") for h in heads)
+    return any(name in (f"{h}.weight", f"{h}.bias") for h in heads)
+
+
+def _same_tensors(state: Mapping[str, torch.Tensor], a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    """Two readings that name the same values (one network saved under two attribute names)."""
+    by_ours_b = {ours: full for full, ours in b.items()}
+    return all(torch.equal(state[full], state[by_ours_b[ours]]) for full, ours in a.items())
 
 
 def _find_head(state: Mapping[str, torch.Tensor], prefix: str, source: SourceKeys | None, wanted: list[str],

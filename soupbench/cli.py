@@ -31,11 +31,24 @@ def _task(cfg) -> None:
         raise
 
 
+def _config_dirs(argv: list[str]) -> list[str]:
+    """The folders Hydra's -cd / --config-dir name on the command line, absolute."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg in ("-cd", "--config-dir") and i + 1 < len(argv):
+            out.append(os.path.abspath(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            out.append(os.path.abspath(arg.split("=", 1)[1]))
+    return out
+
+
 def main() -> None:
-    # the folder soupbench runs in is importable (as for `python -m`), so a soup method of one's own beside its
-    # YAML (`soupbench -cd my_methods`, `_target_: my_soup.build`) is found
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # a soup method of one's own beside its YAML (`soupbench -cd my_methods`, `_target_: my_soup.build`) is found:
+    # the config folders named with -cd / --config-dir, and the folder soupbench runs in, are importable (after
+    # the installed packages, which they never shadow)
+    for folder in [*_config_dirs(sys.argv[1:]), os.getcwd()]:
+        if folder not in sys.path:
+            sys.path.append(folder)
     if not (CONFIG_DIR / "config.yaml").is_file():
         sys.exit(f"soupbench: error: config directory not found at {CONFIG_DIR}: this installation lacks its "
                  "configs (a wheel ships them as soupbench/conf, a checkout has conf/)")

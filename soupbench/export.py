@@ -47,28 +47,45 @@ def _fresh(path: Path, fp: str) -> bool:
         return False
 
 
-def export_soup(state: Mapping[str, torch.Tensor], source: SourceKeys | None, out_dir: str | Path, name: str,
-                formats: Sequence[str], fingerprint: str = "") -> list[Path]:
-    """Write the soup `state` (soupbench names) under `out_dir` in each of `formats`; returns the paths."""
+def check_formats(formats: Sequence[str], source: SourceKeys | None) -> None:
+    """ConfigError naming `export.formats` when a format does not fit the backbone (checked before any work)."""
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise ConfigError(f"export.formats: unknown {unknown}; expected some of {list(EXPORT_FORMATS)}")
     if not formats:
-        return []
+        return
     if source is None:
-        raise ConfigError("export.formats: this backbone does not say which library its weights come from")
-    out_dir = Path(out_dir)
+        raise ConfigError("export.formats: this backbone does not say which library its weights come from; "
+                          "set export.formats=[]")
+    if len(source.heads) > 1:
+        raise ConfigError(f"export.formats: {source.model_name} has {len(source.heads)} classifiers "
+                          f"({', '.join(source.heads)}) and soupbench trains one; set export.formats=[]")
+    if "open_clip" in formats and source.library != "open_clip":
+        raise ConfigError(f"export.formats: open_clip is for CLIP backbones, this one is {source.library}")
+    if "huggingface" in formats and source.library != "timm":
+        raise ConfigError(f"export.formats: huggingface writes timm's folder format, this backbone is "
+                          f"{source.library} (use state_dict or open_clip)")
+
+
+def export_paths(out_dir: str | Path, name: str, formats: Sequence[str]) -> list[Path]:
+    return [{"state_dict": Path(out_dir) / f"{name}.safetensors", "huggingface": Path(out_dir) / f"{name}.hf",
+             "open_clip": Path(out_dir) / f"{name}.open_clip.safetensors"}[f] for f in formats]
+
+
+def is_exported(out_dir: str | Path, name: str, formats: Sequence[str], fingerprint: str) -> bool:
+    """Every format of the soup with this fingerprint is written already."""
+    return all(_fresh(p, fingerprint) for p in export_paths(out_dir, name, formats))
+
+
+def export_soup(state: Mapping[str, torch.Tensor], source: SourceKeys | None, out_dir: str | Path, name: str,
+                formats: Sequence[str], fingerprint: str = "") -> list[Path]:
+    """Write the soup `state` (soupbench names) under `out_dir` in each of `formats`; returns the paths."""
+    check_formats(formats, source)
+    if not formats:
+        return []
     meta = {"soup": name, "fingerprint": fingerprint, "library": source.library, "model_name": source.model_name}
-    paths = []
-    for fmt in formats:
-        if fmt == "open_clip" and source.library != "open_clip":
-            raise ConfigError(f"export.formats: open_clip is for CLIP backbones, this one is {source.library}")
-        if fmt == "huggingface" and source.library != "timm":
-            raise ConfigError(f"export.formats: huggingface writes timm's folder format, this backbone is "
-                              f"{source.library} (use state_dict or open_clip)")
-        path = {"state_dict": out_dir / f"{name}.safetensors", "huggingface": out_dir / f"{name}.hf",
-                "open_clip": out_dir / f"{name}.open_clip.safetensors"}[fmt]
-        paths.append(path)
+    paths = export_paths(out_dir, name, formats)
+    for fmt, path in zip(formats, paths, strict=True):
         if _fresh(path, fingerprint):
             continue
         if fmt == "state_dict":

@@ -16,7 +16,7 @@ from soupbench.backbones.source_keys import SourceKeys
 from soupbench.checkpoints import match_state, read_checkpoint
 from soupbench.errors import CheckpointError
 from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
-from soupbench.io import fingerprint, require_finite
+from soupbench.io import fingerprint, hash_settings, require_finite
 
 log = logging.getLogger("soupbench")
 
@@ -43,11 +43,12 @@ def read_weights(path: Path, template: Mapping[str, torch.Tensor], source: Sourc
     return state, {**info, **match}
 
 
-def source_record(path: Path) -> dict:
-    """What identifies a source file's content cheaply (a changed file is imported again)."""
+def source_record(path: Path, reading: dict) -> dict:
+    """What identifies a source file's content cheaply, and how it was read (`reading`: format, ema, key_map):
+    a changed file or reading is imported again."""
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     return {"source": str(path.resolve()), "source_size": sum(f.stat().st_size for f in files),
-            "source_mtime_ns": max(f.stat().st_mtime_ns for f in files)}
+            "source_mtime_ns": max(f.stat().st_mtime_ns for f in files), "reading": hash_settings(reading)}
 
 
 def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[str, torch.Tensor],
@@ -63,13 +64,16 @@ def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
     out = []
     for path, gid in tqdm(list(zip(files, ingredient_ids(files), strict=True)), desc="import checkpoints",
                           disable=not progress, leave=False):
-        record = source_record(path)
+        record = source_record(path, {"format": fmt, "ema": ema, "key_map": dict(key_map or {})})
         old = done.get(gid)
         if old is not None and all(old.meta.get(k) == v for k, v in record.items()) and \
                 old.meta.get("base_fingerprint") == base_fp:
             out.append(old)
             continue
         state, info = read_weights(path, template, source, fmt, ema, key_map)
+        if info["head"] == "start":
+            log.warning("%s: holds no classifier (%s); its head is the start's", path,
+                        " / ".join(f"{h}.weight" for h in (source.head_candidates() if source else ["head"])))
         if info.get("cast_from"):
             log.warning("%s: stored as %s, cast to the backbone's %s", path, "/".join(info["cast_from"]),
                         str(next(iter(template.values())).dtype).removeprefix("torch."))
@@ -81,17 +85,28 @@ def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
 
 
 # -------------------------------------------------------------------------------------------- the start check
-def start_distances(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor]) -> dict[str, dict]:
+EPSILON = {"bfloat16": 2.0**-8, "float16": 2.0**-11}     # relative rounding of the dtypes files may be stored in
+
+
+def rounding_tolerance(ingredients: Sequence[Ingredient]) -> float:
+    """The relative offset that rounding alone explains: the coarsest stored dtype's epsilon (1e-6 for fp32)."""
+    stored = {d for g in ingredients for d in g.meta.get("import", {}).get("cast_from", [])}
+    return max([1e-6, *(EPSILON.get(d, 1e-6) for d in stored)])
+
+
+def start_distances(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor],
+                    names: Sequence[str] | None = None) -> dict[str, dict]:
     """Per floating-point tensor: how far θ0 lies from the ingredients' centroid (`offset`, the norm of the mean
     task vector) against how far the ingredients lie from it (`spread`, the root mean square of ||θ_i − θ̄||).
-    One streamed pass, float64, one state dict and two accumulators in memory."""
+    One streamed pass, float64, one state dict and two accumulators in memory. `names`: the tensors to
+    measure (default: every floating-point one)."""
     from soupbench.soups.averaging import stream_states
 
     total: dict[str, torch.Tensor] = {}
     sq: dict[str, float] = {}
     for _, state in stream_states(list(ingredients)):
         for k, v in state.items():
-            if not v.is_floating_point() or k not in base:
+            if not v.is_floating_point() or k not in base or (names is not None and k not in names):
                 continue
             d = v.double() - base[k].double()
             total[k] = total[k] + d if k in total else d
@@ -107,7 +122,8 @@ def start_distances(ingredients: Sequence[Ingredient], base: Mapping[str, torch.
     return out
 
 
-def check_start(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor], ratio: float) -> dict:
+def check_start(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor], ratio: float,
+                parameters: Sequence[str] | None = None, rel_tol: float = 1e-6) -> dict:
     """The measured test that `base` (θ0) is where the ingredients were fine-tuned from, for files whose
     recorded start soupbench cannot know. Ingredients fine-tuned from θ0 lie around it: the mean task vector is
     not much longer than the ingredients' spread around their centroid. A start they never had (another
@@ -115,19 +131,24 @@ def check_start(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tens
     than `ratio` times the spread from the centroid. Tensors that every ingredient shares with θ0 (frozen)
     pass; a tensor that every ingredient shares but θ0 does not fails. Needs two ingredients or more.
 
-    Returns {"passed", "ratio", "failed": [worst tensors], "fraction_failed" (of parameters)}."""
+    Only `parameters` are measured (the model's learnable tensors): BatchNorm's running statistics move the
+    same way in every fine-tune and say nothing of the start. An offset below `rel_tol` x ||θ0|| is rounding
+    (bf16 files: their epsilon). Ingredients that are points of one trajectory (consecutive checkpoints of one
+    run) all point the same way and can fail a true start: raise `ratio` for them.
+
+    Returns {"passed", "ratio", "num_failed", "failed": [worst 5 tensors], "fraction_failed" (of parameters)}."""
     if len(ingredients) < 2:
         return {"passed": True, "ratio": ratio, "failed": [], "fraction_failed": 0.0,
                 "note": "one ingredient: nothing to measure against"}
-    dist = start_distances(ingredients, base)
+    dist = start_distances(ingredients, base, parameters)
     failed = []
     for k, d in dist.items():
-        tiny = 1e-6 * max(d["base_norm"], 1e-12)
+        tiny = rel_tol * max(d["base_norm"], 1e-12)
         if d["offset"] > tiny and d["offset"] > ratio * d["spread"]:
-            failed.append((d["offset"] / max(d["spread"], 1e-30), k))
+            failed.append((d["offset"] / d["spread"] if d["spread"] > 0 else math.inf, k))
     failed.sort(reverse=True)
     numel = sum(d["numel"] for d in dist.values())
     frac = sum(dist[k]["numel"] for _, k in failed) / max(numel, 1)
-    return {"passed": not failed, "ratio": ratio, "fraction_failed": frac,
+    return {"passed": not failed, "ratio": ratio, "fraction_failed": frac, "num_failed": len(failed),
             "failed": [{"tensor": k, "offset_over_spread": round(r, 2) if math.isfinite(r) else "inf"}
                        for r, k in failed[:5]]}

@@ -82,6 +82,9 @@ class Run:
         torch.manual_seed(cfg.seed)       # random-init backbones (tests, benchmarks) are the same in every process
         self.model: Classifier = build(cfg.backbone, num_classes=self.data.num_classes,
                                        class_names=self.data.class_names, device=self.device)
+        from soupbench.export import check_formats
+
+        check_formats(list(cfg.export.formats), self.model.source_keys)     # before any work, not after a soup
         self.memory_format = set_memory_format(self.model, cfg.memory_format, self.device)
         self.depthwise_taps = set_depthwise_grad(self.model, cfg.depthwise_grad, self.device)
         log.info("device %s, memory format %s, depthwise weight gradients by taps: %d convolutions", self.device,
@@ -309,14 +312,15 @@ class Run:
         imported = [g for g in ingredients if "source" in g.meta]
         if not imported:
             return
-        from soupbench.importers import check_start
+        from soupbench.importers import check_start, rounding_tolerance
 
         ratio = float(self.cfg.ingredients.start_check_ratio)
         key = hash_settings({"ingredients": [g.fingerprint for g in imported], "base": self.base_fp, "ratio": ratio})
         path = self.ingredient_dir / "checks" / "start.json"    # beside the ingredients, not one of them
         result = reusable_meta(path, "key", key)
         if result is None:
-            result = {"key": key, **check_start(imported, self.base, ratio)}
+            parameters = [n for n, _ in self.model.named_parameters()]
+            result = {"key": key, **check_start(imported, self.base, ratio, parameters, rounding_tolerance(imported))}
             if self.world.main:
                 write_json(path, result)
         if not result["passed"]:
@@ -324,7 +328,7 @@ class Run:
             where = (f"ingredients.start={self.cfg.ingredients.start}" if self.cfg.ingredients.start is not None
                      else "the backbone as built (ingredients.start=null)")
             self.start_problem = (
-                f"the ingredients were not fine-tuned from θ0 = {where}: on {len(result['failed'])}+ tensors "
+                f"the ingredients were not fine-tuned from θ0 = {where}: on {result['num_failed']} tensors "
                 f"({result['fraction_failed']:.1%} of the parameters; worst '{worst['tensor']}', "
                 f"{worst['offset_over_spread']}x) θ0 lies more than ingredients.start_check_ratio={ratio:g} times "
                 "the ingredients' spread from their centroid: set ingredients.start to the checkpoint they "
@@ -411,11 +415,12 @@ class Run:
 
     def export(self, name: str, meta: dict, state: dict[str, torch.Tensor] | None = None) -> None:
         """The weight soup `name` in its ingredients' library format too (export.formats, soupbench.export)."""
-        formats = list(self.cfg.export.formats)
-        if meta["kind"] != "weights" or not formats or not self.world.main:
-            return
-        from soupbench.export import export_soup
+        from soupbench.export import export_soup, is_exported
 
+        formats = list(self.cfg.export.formats)
+        if meta["kind"] != "weights" or not formats or not self.world.main or \
+                is_exported(self.cfg.export.dir, name, formats, meta["fingerprint"]):
+            return
         state = state if state is not None else load_weights(self.layout.soup_weights(name))
         paths = export_soup(state, self.model.source_keys, self.cfg.export.dir, name, formats, meta["fingerprint"])
         log.info("soup %s: exported %s", name, ", ".join(str(p) for p in paths))

@@ -236,3 +236,4 @@ def readme_block(name: str) -> str:
     found = re.search(rf"<!-- {name} -->\n```\w*\n(.*?)```", text, re.S)
     assert found, f"README has no block marked <!-- {name} -->"
     return found.group(1)
+

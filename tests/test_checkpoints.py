@@ -166,12 +166,20 @@ def test_bad_inputs_are_named_in_one_line(tmp_path, caplog):
         read_weights(tmp_path / "extra.pt", template, model.source_keys)
     # the network twice under two prefixes (a Lightning module with an EMA copy): ambiguous, then chosen
     twice = {**{f"model.{k}": v for k, v in net.state_dict().items()},
-             **{f"ema_model.{k}": v for k, v in net.state_dict().items()}}
+             **{f"ema_model.{k}": v + 0.01 if v.is_floating_point() else v for k, v in net.state_dict().items()}}
     torch.save(twice, tmp_path / "twice.pt")
     with pytest.raises(CheckpointError, match="twice.pt: ambiguous: .*'model.'.*'ema_model.'.*ingredients.key_map"):
         read_weights(tmp_path / "twice.pt", template, model.source_keys)
     state, _ = read_weights(tmp_path / "twice.pt", template, model.source_keys, key_map={r"^ema_model\..*": ""})
     assert torch.equal(state["head.weight"], net.head.fc.weight.detach())
+    # the same network saved under two attribute names (aliases) is one reading, not an ambiguity
+    torch.save({**{f"model.{k}": v for k, v in net.state_dict().items()},
+                **{f"net.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "alias.pt")
+    assert read_weights(tmp_path / "alias.pt", template, model.source_keys)[1]["prefix"] == "net."
+    # timm's names under a wrapper attribute called `encoder` read as timm's, head included
+    torch.save({f"encoder.{k}": v for k, v in net.state_dict().items()}, tmp_path / "encoder_attr.pt")
+    state, info = read_weights(tmp_path / "encoder_attr.pt", template, model.source_keys)
+    assert info["head"] == "file" and torch.equal(state["head.weight"], net.head.fc.weight.detach())
     # a whole pickled module
     torch.save(net, tmp_path / "module.pt")
     with pytest.raises(CheckpointError, match=r"module.pt: needs unpickling to read \(timm.models.convnext.ConvNeXt\)"
