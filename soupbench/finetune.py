@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from soupbench.backbones import Classifier, set_batchnorm_eval
+from soupbench.backbones import Classifier, has_batchnorm, set_batchnorm_eval
+from soupbench.batches import num_batches
 from soupbench.data import Split
 from soupbench.data.streaming import TrainImages, epoch_loader, eval_transform, train_transform
 from soupbench.distributed import World, barrier
@@ -182,7 +183,12 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     data = TrainImages(train, train_transform(str(hp.get("augment", "none")), settings.image_size,
                                               hp.get("randaugment")), seed)
     epochs = int(hp["epochs"])
-    steps_per_epoch = math.ceil(math.ceil(len(train) / world.size) / local_batch)
+    per_rank = math.ceil(len(train) / world.size)                # DistributedSampler pads every share to this
+    if per_rank < 2 and not settings.freeze_bn and has_batchnorm(model):
+        raise ConfigError(f"finetune.freeze_bn=false: {len(train)} training image(s) over {world.size} rank(s) "
+                          "leave batches of one image, which BatchNorm in train mode cannot take; use more "
+                          "images or finetune.freeze_bn=true")
+    steps_per_epoch = num_batches(per_rank, local_batch)         # a remainder under half a batch is folded
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, settings.warmup_frac,
                                                                       settings.warmup_steps))

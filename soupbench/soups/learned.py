@@ -42,7 +42,6 @@ mean of the block (simplex); re-estimate them on training data with `bn_recalibr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from soupbench.batches import batch_bounds
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
 from soupbench.io import hash_settings, load_weights, reusable_meta, save_weights, to_device, write_json
@@ -322,14 +322,15 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
         scale = torch.ones((), device=dev, requires_grad=True) if logit_scale == "learned" else None
         opt = torch.optim.AdamW([param] + ([scale] if scale is not None else []), lr=lr, weight_decay=weight_decay)
-        steps_per_epoch = math.ceil(len(fit_idx) / batch_size)
+        cuts = batch_bounds(len(fit_idx), batch_size)   # a remainder under half a batch joins the previous batch
+        steps_per_epoch = len(cuts)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(schedule, epochs * steps_per_epoch, warmup_frac))
         gen = torch.Generator().manual_seed(seed * 100_003 + bi)
         block_losses, val_losses, best = [], [], None
         for epoch in range(epochs):
             perm = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(heldout_x.device)]
-            for i in range(0, len(perm), batch_size):
-                idx = perm[i:i + batch_size]
+            for i, stop in cuts:
+                idx = perm[i:stop]
                 shard = idx[ranks.share(len(idx))]       # this rank's images of the batch (all of them alone)
                 x, y = heldout_x[shard].to(dev, non_blocking=True), heldout_y[shard].to(dev, non_blocking=True)
                 loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
