@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from soupbench.errors import CheckpointError, ConfigError
-from soupbench.io import load_weights, read_json, save_weights, write_json
+from soupbench.io import load_verified, read_json, save_weights, write_json
 
 
 @dataclass
@@ -33,7 +33,8 @@ class Ingredient:
         return self.meta["fingerprint"]
 
     def load(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return load_weights(self.path, device)
+        """The weights, checked against the fingerprint the JSON recorded (once per process)."""
+        return load_verified(self.path, self.meta.get("fingerprint"), device)
 
 
 def save_ingredient(directory: str | Path, ingredient_id: str, state: Mapping[str, torch.Tensor],

@@ -95,6 +95,28 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", ch
     return tensors
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()      # (path, size, mtime_ns, fingerprint) checked in this process
+
+
+def load_verified(path: str | os.PathLike, expected_fp: str | None, device: str | torch.device = "cpu"
+                  ) -> dict[str, torch.Tensor]:
+    """`load_weights`, and the content hash against the fingerprint its JSON recorded: a file that was
+    truncated, zero-filled or altered in place raises CheckpointError naming it instead of being used. The
+    hash is checked once per process per (file, size, mtime) (a greedy or learned soup loads an ingredient
+    many times)."""
+    tensors = load_weights(path, device)
+    if expected_fp is None:
+        return tensors
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, expected_fp)
+    if key not in _VERIFIED:
+        if (fp := fingerprint(tensors)) != expected_fp:
+            raise CheckpointError(f"{path}: its contents (fingerprint {fp}) are not what its JSON recorded "
+                                  f"({expected_fp}): the file was damaged or replaced; delete it to recompute")
+        _VERIFIED.add(key)
+    return tensors
+
+
 def to_device(tensors: Mapping[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
     """The tensors on `device`. To a GPU each host tensor goes through pinned memory and copies non_blocking,
     with one synchronisation at the end: a plain `.to` from pageable memory blocks once per tensor (152 times

@@ -22,15 +22,16 @@ from soupbench.config_schema import validate
 from soupbench.data import DataBundle, Split
 from soupbench.data.streaming import decoded
 from soupbench.distributed import barrier
-from soupbench.errors import ConfigError, SoupbenchError
+from soupbench.errors import CheckpointError, ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct_by_rows, ensemble_correct, percent
 from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, ingredient_id, linear_probe
+from soupbench.guards import require_finite_tensors
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict, save_ingredient
 from soupbench.io import (
     file_lock,
     fingerprint,
     hash_settings,
-    load_weights,
+    load_verified,
     read_json,
     reusable_meta,
     save_weights,
@@ -137,10 +138,12 @@ class Run:
         settings = {"backbone": container(cfg.backbone), "data": self.data_key,
                     "linear_probe": container(cfg.finetune.linear_probe)}
         path, meta_path = self.layout.lp_weights, self.layout.lp_meta
-        if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None:
-            self.base = load_weights(path)
+        if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None \
+                and (base := self.verified(path, stored.get("fingerprint"), "linear probe")) is not None:
+            self.base = base
             self.model.load_state_dict(self.base)
             self.base_fp = stored["fingerprint"]
+            self.warnings += stored.get("warnings", [])
             log.info("linear probe: reusing %s", path)
             return
         t0 = time.perf_counter()
@@ -149,12 +152,23 @@ class Run:
                              self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers)
         self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.base_fp = fingerprint(self.base)
+        self.warnings += stats.get("warnings", [])
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
         save_weights(path, self.base, {"fingerprint": self.base_fp})
         write_json(meta_path, {"settings_hash": hash_settings(settings), "fingerprint": self.base_fp,
                                "heldout_acc": heldout, "time_s": time.perf_counter() - t0, **stats,
                                "settings": settings})
         log.info("linear probe: held-out %.2f%% (%.1fs)", heldout, time.perf_counter() - t0)
+
+    @staticmethod
+    def verified(path: Path, fp: str | None, what: str) -> dict[str, torch.Tensor] | None:
+        """The weights of a finished artefact, checked (readable, finite, the fingerprint its JSON recorded), or
+        None after a warning when the file is missing or damaged: the caller recomputes it instead of using it."""
+        try:
+            return load_verified(path, fp)
+        except CheckpointError as e:
+            log.warning("%s: %s; recomputing it", what, e)
+            return None
 
     # ------------------------------------------------------------------------------------------ finetune
     def planned_ingredients(self) -> list[tuple[str, dict, int]]:
@@ -188,7 +202,9 @@ class Run:
         rows = []
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"
-            if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None:
+            if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None and (
+                    not self.world.main or self.verified(meta_path.with_suffix(".safetensors"), meta.get("fingerprint"),
+                                                         f"ingredient {gid}") is not None):
                 if not self.world.main:
                     continue
                 meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
@@ -286,7 +302,9 @@ class Run:
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.layout.soup_meta(name)
             if (old := reusable_meta(meta_path, "settings_hash", key)) is not None and all(
-                    built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
+                    built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()) and (
+                    old["kind"] != "weights" or self.verified(self.layout.soup_weights(name), old.get("fingerprint"),
+                                                             f"soup {name}") is not None):
                 log.info("soup %s: reusing %s", name, meta_path)
                 built[name] = old
                 continue
@@ -298,7 +316,8 @@ class Run:
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
                 ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
                 precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
-                earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used))
+                earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used),
+                name=name)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
@@ -312,7 +331,9 @@ class Run:
             meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
                     "members": result.members, "depends_on": used,
                     "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
-            if result.state is not None:
+            if result.state is not None:                # a soup that is not finite is never saved
+                require_finite_tensors(result.state, "soup tensor", f"soup.{name}",
+                                       f"nothing of soup {name} was saved; change soup.{name}.* (e.g. a lower lr)")
                 meta["fingerprint"] = fingerprint(result.state)
                 save_weights(self.layout.soup_weights(name), result.state,
                              {"method": name, "members": ",".join(result.members)})
@@ -331,7 +352,8 @@ class Run:
         if meta["kind"] != "weights":
             raise ConfigError(f"soup.{name} starts from soup '{wanted}', an output ensemble: it has no weights")
         used[wanted] = meta["fingerprint"]
-        return SoupResult(meta["members"], load_weights(self.layout.soup_weights(wanted)), meta["info"])
+        return SoupResult(meta["members"], load_verified(self.layout.soup_weights(wanted), meta["fingerprint"]),
+                          meta["info"])
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:
@@ -345,19 +367,20 @@ class Run:
             accs = {s: percent(h) for s, h in g_hits.items()}
             ing_results[g.id] = {**accs, "ood_avg": ood_average(accs, self.data), "hyperparameters":
                                  g.meta.get("hyperparameters", {})}
-        methods = {}
+        methods, soup_warnings = {}, []
         for name in selected_soups(self.cfg):
             meta_path = self.layout.soup_meta(name)
             if not meta_path.is_file():
                 raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
             meta = read_json(meta_path)
+            soup_warnings += meta.get("info", {}).get("warnings", [])
             hits[f"method/{name}"] = method_hits = {}
             if meta["kind"] == "weights":
                 state = None
                 for s, split in splits.items():
                     scores = self.evaluator.cached_score_rows(meta["fingerprint"], s)
                     if scores is None:
-                        state = state or load_weights(self.layout.soup_weights(name))
+                        state = state or load_verified(self.layout.soup_weights(name), meta["fingerprint"])
                         scores = self.evaluator.score_rows(state, s, meta["fingerprint"])
                     method_hits[s] = correct_by_rows(scores, split)
             else:
@@ -370,9 +393,11 @@ class Run:
             methods[name] = {**accs, "ood_avg": ood_average(accs, self.data), "members": len(meta["members"]),
                              "kind": meta["kind"], "soup_time_s": meta["soup_time_s"],
                              "peak_mem_mb": meta.get("peak_mem_mb")}
+        warnings = [*self.warnings, *[w for g in ingredients for w in g.meta.get("warnings", [])],
+                    *soup_warnings]
         results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
-                   "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
+                   "base_fingerprint": self.base_fp, "warnings": warnings, "paper": paper_figures(self.cfg),
                    "config": container(self.cfg), "runtime": self.runtime()}
         save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
         results["bootstrap"] = self.bootstrap(hits)

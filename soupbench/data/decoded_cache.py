@@ -4,6 +4,7 @@ decode JPEGs again."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from soupbench.errors import DataError
+from soupbench.errors import CheckpointError, DataError
 from soupbench.io import hash_settings
 from soupbench.rowfile import MappedRows, write_rows
 
@@ -65,9 +66,16 @@ def decode_cached(paths: list[Path], root: Path, size: int, cache_dir: str | os.
     key = hash_settings({"root": str(root), "size": size, "border": border,
                          "files": [(str(p.relative_to(root)), p.stat().st_size) for p in paths]})
     cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return MappedRows(cache, "images")
     shape = (len(paths), 3, size, size)
+    if cache is not None and cache.is_file():
+        try:                                  # a truncated or zero-filled cache is decoded again, never used
+            rows = MappedRows(cache, "images")
+            if tuple(rows.shape) == shape:
+                return rows
+            raise CheckpointError(f"{cache}: {tuple(rows.shape)} images, expected {shape}")
+        except CheckpointError as e:
+            logging.getLogger("soupbench").warning("%s; decoding the images again", e)
+            cache.unlink(missing_ok=True)
     with ThreadPoolExecutor(workers) as pool:
         def chunks() -> Iterator[torch.Tensor]:
             for i in range(0, len(paths), chunk):

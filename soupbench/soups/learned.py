@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from soupbench.batches import batch_bounds
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
+from soupbench.guards import divergence_warning, require_finite_losses, require_finite_tensors, setting
 from soupbench.io import hash_settings, load_weights, reusable_meta, save_weights, to_device, write_json
 from soupbench.rowfile import in_memory
 from soupbench.runtime import autocast, like_model, lr_schedule
@@ -302,6 +303,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     state = ranks.from_first(_resume(ctx, key, len(names)) if ranks.main else None)
     soup, raw, losses, start = state["soup"], state["raw"], state["losses"], state["next_block"]
     eff_models, eff_base = state["effective"], state["effective_base"]
+    warnings: list[str] = []
     bar = tqdm(total=len(blocks), initial=start, desc=f"learned soup ({parameterisation}, b={b})",
                disable=not (ctx.progress and ranks.main), leave=False)
     for bi in range(start, len(blocks)):
@@ -345,6 +347,9 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                 val_losses.append(v)
                 if best is None or v < best[0]:
                     best = (v, epoch, param.detach().clone(), None if scale is None else scale.detach().clone())
+        block_warning = _check_block(ctx, block_losses, val_losses, param, scale, lr, bi, len(blocks))
+        if block_warning:
+            warnings.append(block_warning)
         if best is not None:                         # the epoch with the lowest loss on the internal split
             with torch.no_grad():
                 param.copy_(best[2])
@@ -354,6 +359,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
             w = coefficient_weights(param, parameterisation, group_of, temperature)
             soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w[mine], names,
                                                                  ranks)}.items()}
+        require_finite_tensors(soup, f"block {bi + 1}'s soup tensor", setting(f"soup.{ctx.name}.lr", lr))
         eff_models, eff_base = _fold_effective(eff_models, eff_base, block, w.detach().cpu().double(),
                                                None if norms is None else norms.cpu().double(), parameterisation,
                                                bi == 0, centre)
@@ -372,7 +378,25 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         "coefficients": eff_models.tolist(), "start_weight": eff_base.tolist(),
         "coefficient_min": eff_models.min().item(), "coefficient_max": eff_models.max().item(),
         "blocks": raw, "heldout_loss_per_block": [{"first": ls[0], "last": ls[-1]} for ls in losses if ls],
-        "num_blocks": len(blocks), "ranks": ranks.size})
+        "num_blocks": len(blocks), "ranks": ranks.size, **({"warnings": warnings} if warnings else {})})
+
+
+def _check_block(ctx: SoupContext, block_losses: list[torch.Tensor], val_losses: list[float], param: torch.Tensor,
+                 scale: torch.Tensor | None, lr: float, bi: int, num_blocks: int) -> str | None:
+    """After a block's inner epochs, before anything of it is saved (soupbench.guards): a non-finite held-out
+    loss, validation loss or coefficient stops the soup with one line naming soup.<name>.lr; a loss that ended
+    more than DIVERGENCE_FACTOR times above its first step is returned as a warning. One read of the losses."""
+    where = f"block {bi + 1} of {num_blocks}"
+    knob = setting(f"soup.{ctx.name}.lr", lr)
+    losses = torch.stack(block_losses).detach().cpu() if block_losses else torch.empty(0)
+    require_finite_losses(losses, "held-out loss", where, knob)
+    require_finite_losses(val_losses, "validation loss (val_fraction)", where, knob)
+    require_finite_tensors({"coefficients": param.detach(), **({"logit scale": scale.detach()} if scale is not None
+                                                                else {})}, "learned", knob)
+    if len(losses) >= 2:
+        return divergence_warning(float(losses[0]), float(losses[-1]), "held-out loss", f"soup {ctx.name}, {where}",
+                                  knob)
+    return None
 
 
 def _fold_effective(eff: torch.Tensor, eff_base: torch.Tensor, block: list[int], w: torch.Tensor,
