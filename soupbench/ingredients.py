@@ -16,6 +16,7 @@ import torch
 
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import load_verified, read_json, save_weights, write_json
+from soupbench.names import nfc
 
 
 @dataclass
@@ -63,7 +64,7 @@ def list_ingredients(directory: str | Path) -> list[Ingredient]:
         weights = meta_path.with_suffix(".safetensors")
         if not weights.is_file():
             raise CheckpointError(f"{meta_path}: its weights file {weights.name} is missing")
-        out.append(Ingredient(meta.get("id", meta_path.stem), weights, meta))
+        out.append(Ingredient(nfc(meta.get("id", meta_path.stem)), weights, meta))   # ids matched as text
     return sorted(out, key=lambda g: natural_key(g.id))
 
 

@@ -37,6 +37,7 @@ from soupbench.io import (
     save_weights,
     write_json,
 )
+from soupbench.names import nfc, show_all
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
@@ -263,16 +264,16 @@ class Run:
         return [gid for gid, _, _ in self.planned_ingredients()]
 
     def selected_ingredients(self) -> list[Ingredient]:
-        found = {g.id: g for g in list_ingredients(self.ingredient_dir)}
+        found = {g.id: g for g in list_ingredients(self.ingredient_dir)}     # ids in NFC (list_ingredients)
         select = self.cfg.ingredients.select
         if select == "all":
             chosen = list(found.values())
         elif select == "config":
-            ids = self.planned_ids()
+            ids = [nfc(gid) for gid in self.planned_ids()]
             missing = [gid for gid in ids if gid not in found]
             if missing:
                 raise ConfigError(f"{len(missing)} of {len(ids)} ingredients are not finished in "
-                                  f"{self.ingredient_dir} (e.g. {missing[:3]}): run the finetune stage "
+                                  f"{self.ingredient_dir} (e.g. {show_all(missing[:3])}): run the finetune stage "
                                   "first, or set ingredients.select=all")
             chosen = [found[gid] for gid in ids]
         else:
@@ -345,6 +346,7 @@ class Run:
     def earlier_soup(self, built: dict[str, dict], name: str, wanted: str, used: dict[str, str]) -> SoupResult:
         """Soup `wanted`, built before soup `name` in this run (WiSE-FT on top of greedy); recorded in `used`
         so that `name` is rebuilt when `wanted` changes."""
+        wanted = nfc(wanted)
         meta = built.get(wanted)
         if meta is None:
             raise ConfigError(f"soup.{name} starts from soup '{wanted}', which is not built before it in this run "
@@ -418,8 +420,8 @@ class Run:
         methods = {k.removeprefix("method/"): {s: h.numpy() for s, h in v.items()}
                    for k, v in hits.items() if k.startswith("method/")}
         splits = [s for s in self.evaluator.splits if s != "heldout"]
-        deltas = stats.paired_deltas(methods, splits, list(self.data.ood), list(b.references), b.num_samples,
-                                     b.confidence, b.seed)
+        refs = [nfc(r) for r in b.references]
+        deltas = stats.paired_deltas(methods, splits, list(self.data.ood), refs, b.num_samples, b.confidence, b.seed)
         return {"num_samples": b.num_samples, "confidence": b.confidence, "seed": b.seed, "deltas": deltas}
 
     def diagnostics(self, ingredients: list[Ingredient], results: dict) -> dict:
@@ -436,7 +438,7 @@ class Run:
 def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
     """The soup methods chosen with `soup=[...]`. A preset may also carry settings for methods the command
     line then leaves out (`soup.learned.epochs` with `soup=[uniform]`): those have no `_target_` and are skipped."""
-    chosen = {name: node for name, node in cfg.soup.items() if "_target_" in node}
+    chosen = {nfc(name): node for name, node in cfg.soup.items() if "_target_" in node}   # names as text
     if not chosen:
         raise ConfigError(f"no soup method selected (soup={list(cfg.soup)}): choose some, e.g. soup=[uniform,greedy]")
     for name in cfg.soup:

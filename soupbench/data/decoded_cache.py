@@ -16,23 +16,27 @@ from PIL import Image
 
 from soupbench.errors import CheckpointError, DataError
 from soupbench.io import hash_settings
+from soupbench.names import difference, nfc, unique_nfc
 from soupbench.rowfile import MappedRows, write_rows
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
-    """Classes (sorted sub-folder names), image paths and labels of an ImageFolder tree."""
+    """Classes (sub-folder names in NFC, sorted), image paths (on-disk names) and labels of an ImageFolder tree."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    on_disk = unique_nfc((d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                         f"{root}: class folders")
+    classes = sorted(on_disk)                    # NFC names, sorted as NFC: one label order in every split
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
     paths, labels = [], []
     for k, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        folder = root / on_disk[c]               # opened by its on-disk name (NFD on macOS file systems)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise DataError(f"{root / c}: class folder holds no images")
+            raise DataError(f"{folder}: class folder holds no images")
         paths += files
         labels += [k] * len(files)
     return classes, paths, labels
@@ -99,7 +103,7 @@ def load_image_folder(root: str | os.PathLike, size: int, cache_dir: str | os.Pa
     """Decode a class-folder tree to (classes, uint8 images (N,3,size,size), labels), via the cache."""
     root = Path(root).resolve()
     found, paths, labels = list_image_folder(root)
-    if classes is not None and found != classes:
-        raise DataError(f"{root}: class folders {found} differ from the expected {classes}")
+    if classes is not None and found != [nfc(c) for c in classes]:
+        raise DataError(f"{root}: class folders differ from the other splits' ({difference(found, classes)})")
     images = decode_cached(paths, root, size, cache_dir, workers=workers)
     return found, images, torch.tensor(labels, dtype=torch.int64)
