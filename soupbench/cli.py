@@ -7,7 +7,7 @@ import os
 import sys
 
 from soupbench import CONFIG_DIR
-from soupbench.errors import report_errors
+from soupbench.errors import install_signal_handlers, report_errors
 
 # Never wait on a model hub: a missing local file must fail at once with a message that names it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +22,7 @@ def _task(cfg) -> None:
 
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
+        install_signal_handlers()
         report_errors(run, cfg)
         return
     try:               # a sweep job: Hydra's launcher records the exception; the marker survives any launcher

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from soupbench import faults
 from soupbench.data import DataBundle, Split
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import fingerprint, to_device
@@ -241,6 +242,7 @@ class Evaluator:
                    self._predict(state, split),
                    {"split": split, "fingerprint": fp, "columns": "class_groups" if sp.class_groups else "all"})
         release_host_memory()
+        faults.point("evaluate.scores")
         return MappedRows(path, "scores")
 
     def scores(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from soupbench import faults
 from soupbench.backbones import Classifier, has_batchnorm, set_batchnorm_eval
 from soupbench.batches import num_batches
 from soupbench.data import Split
@@ -253,6 +254,7 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
             opt.step()
             sched.step()
             step += 1
+            faults.point("finetune.step")
             loss_sum += loss.detach()
             if step == 1:
                 first_loss = loss.detach().float().clone()
@@ -272,6 +274,7 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
         _require_finite(bad_step, model, hp, desc, total)
         if checkpoint is not None and step < total:
             _save_checkpoint(checkpoint, model, opt, sched, step, total, tail_sum, tail_n, world, first_loss)
+            faults.point("finetune.checkpoint")
     bar.close()
     model.eval()
     final = float(tail_sum) / max(1, tail_n)

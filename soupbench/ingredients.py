@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from soupbench import faults
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import load_verified, read_json, save_weights, write_json
 from soupbench.names import nfc
@@ -43,6 +44,7 @@ def save_ingredient(directory: str | Path, ingredient_id: str, state: Mapping[st
     directory = Path(directory)
     path = directory / f"{ingredient_id}.safetensors"
     save_weights(path, state, {"id": ingredient_id, "base_fingerprint": meta.get("base_fingerprint", "")})
+    faults.point("ingredient.weights_saved")
     write_json(directory / f"{ingredient_id}.json", {"id": ingredient_id, **meta})
     return Ingredient(ingredient_id, path, {"id": ingredient_id, **meta})
 

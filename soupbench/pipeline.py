@@ -3,6 +3,7 @@ artefacts under the run directory and a rerun with the same config reuses whatev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import shutil
@@ -15,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from soupbench import diagnostics, distributed, report, stats, tracking
+from soupbench import diagnostics, distributed, faults, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.backbones.depthwise_grad import set_depthwise_grad
 from soupbench.config_schema import validate
@@ -146,6 +147,7 @@ class Run:
     def prepare_base(self) -> None:
         """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings (under a lock,
         so the parallel jobs of a sweep compute it once and the others reuse it)."""
+        faults.set_stage("linear probe")
         with file_lock(self.layout.base_lock):
             self._prepare_base()
 
@@ -162,6 +164,7 @@ class Run:
             self.warnings += stored.get("warnings", [])
             log.info("linear probe: reusing %s", path)
             return
+        faults.point("lp.start")
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
@@ -171,6 +174,7 @@ class Run:
         self.warnings += stats.get("warnings", [])
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
         save_weights(path, self.base, {"fingerprint": self.base_fp})
+        faults.point("lp.weights_saved")
         write_json(meta_path, {"settings_hash": hash_settings(settings), "fingerprint": self.base_fp,
                                "heldout_acc": heldout, "time_s": time.perf_counter() - t0, **stats,
                                "settings": settings})
@@ -206,6 +210,7 @@ class Run:
 
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
+        faults.set_stage("finetune")
         if ft.import_from is not None:
             self.import_stage(tracker)
             return
@@ -218,20 +223,32 @@ class Run:
         rows = []
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"
-            if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None and (
-                    not self.world.main or self.verified(meta_path.with_suffix(".safetensors"), meta.get("fingerprint"),
-                                                         f"ingredient {gid}") is not None):
-                if not self.world.main:
-                    continue
-                meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
-                log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
-            else:
-                meta = self.train_ingredient(gid, hp, seed, train, desc=f"ingredient {n + 1}/{len(plan)}")
-                if meta is None:                 # a rank > 0: rank 0 saved it
-                    continue
-            rows.append([gid, meta["heldout_acc"], *[hp[k] for k in sorted(hp)]])
+            # one process trains an ingredient at a time (two runs on one directory: the second waits and reuses
+            # it); not across the ranks of one torch.distributed job, which train it together
+            lock = (file_lock(self.ingredient_dir / ".locks" / f"{gid}.lock") if not self.world.distributed
+                    else contextlib.nullcontext())
+            with lock:
+                row = self._ingredient(n, gid, hp, seed, meta_path, train, len(plan))
+            if row is not None:
+                rows.append(row)
         if rows:
             tracker.log_table("ingredients", ["id", "heldout_acc", *sorted(plan[0][1])], rows)
+
+    def _ingredient(self, n: int, gid: str, hp: dict, seed: int, meta_path: Path, train: Any, count: int
+                    ) -> list | None:
+        """Reuse ingredient `gid` when it is finished and intact, else train it; its table row (rank 0)."""
+        if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None and (
+                not self.world.main or self.verified(meta_path.with_suffix(".safetensors"), meta.get("fingerprint"),
+                                                     f"ingredient {gid}") is not None):
+            if not self.world.main:
+                return None
+            meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
+            log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
+        else:
+            meta = self.train_ingredient(gid, hp, seed, train, desc=f"ingredient {n + 1}/{count}")
+            if meta is None:                 # a rank > 0: rank 0 saved it
+                return None
+        return [gid, meta["heldout_acc"], *[hp[k] for k in sorted(hp)]]
 
     def train_ingredient(self, gid: str, hp: dict, seed: int, train: Any, desc: str) -> dict | None:
         """Fine-tune one ingredient (on every rank of a torch.distributed job) and save it (rank 0), resuming
@@ -324,6 +341,8 @@ class Run:
                 log.info("soup %s: reusing %s", name, meta_path)
                 built[name] = old
                 continue
+            faults.set_stage(f"soup {name}")
+            faults.point(f"soup.{name}.start")
             make_soup = build(scfg)
             used: dict[str, str] = {}
             ctx = SoupContext(
@@ -353,7 +372,9 @@ class Run:
                 meta["fingerprint"] = fingerprint(result.state)
                 save_weights(self.layout.soup_weights(name), result.state,
                              {"method": name, "members": ",".join(result.members)})
+                faults.point(f"soup.{name}.weights_saved")
             write_json(meta_path, meta)
+            faults.point(f"soup.{name}.saved")
             built[name] = meta
             shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
             log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
@@ -374,6 +395,7 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:
+        faults.set_stage("evaluate")
         splits = self.evaluator.splits
         by_id = {g.id: g for g in ingredients}
         ing_results = {}
@@ -417,9 +439,11 @@ class Run:
                    "base_fingerprint": self.base_fp, "warnings": warnings, "paper": paper_figures(self.cfg),
                    "config": container(self.cfg), "runtime": self.runtime()}
         save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
+        faults.point("evaluate.correct")
         results["bootstrap"] = self.bootstrap(hits)
         if self.cfg.diagnostics.enabled:
             results["diagnostics"] = self.diagnostics(ingredients, results)
+        faults.point("evaluate.results")
         write_json(self.layout.results(), results)
         return results
 
@@ -509,14 +533,23 @@ def run(cfg: DictConfig) -> dict | None:
             run_.finetune_stage(tracker)
         results = None
         needs_soup = any(s in stages for s in ("soup", "evaluate", "report"))
-        ingredients = run_.selected_ingredients() if needs_soup else []
-        if "soup" in stages:
-            run_.soup_stage(ingredients)
-        if "evaluate" in stages:
-            results = run_.evaluate_stage(ingredients)
-        if "report" in stages:
-            results = results or read_json(run_.layout.results())
-            report.report(results, run_.layout, tracker)
+        # two processes on one run directory take turns from here (the soups, results.json and correct.safetensors
+        # are one per run directory): the second waits, then reuses what the first built or rebuilds for its
+        # own settings
+        with file_lock(run_.layout.root / ".run.lock") if needs_soup else contextlib.nullcontext():
+            ingredients = run_.selected_ingredients() if needs_soup else []
+            if "soup" in stages:
+                run_.soup_stage(ingredients)
+            if "evaluate" in stages:
+                results = run_.evaluate_stage(ingredients)
+            if "report" in stages:
+                faults.set_stage("report")
+                faults.point("report.start")
+                results = results or read_json(run_.layout.results())
+                report.report(results, run_.layout, tracker)
+                faults.point("report.done")
+        faults.set_stage("W&B finish")
+        faults.point("tracker.finish")
         tracker.finish(0)
         return results
     except BaseException:

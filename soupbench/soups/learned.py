@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from soupbench import faults
 from soupbench.batches import batch_bounds
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
@@ -370,6 +371,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         del directions, centre_state
         if ranks.main:                              # one writer; every rank holds the same soup
             _save_progress(ctx, key, soup, raw, losses, bi + 1, settings, eff_models, eff_base)
+            faults.point(f"soup.{ctx.name}.block")
         bar.update()
     bar.close()
     ordered = {k: soup[k] for k in ctx.base}      # the base's key order and every key, buffers included
