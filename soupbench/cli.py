@@ -3,6 +3,7 @@ clear line (exit 2) instead of a traceback."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -21,6 +22,7 @@ def _task(cfg) -> None:
     from soupbench.sweep import mark_failed
 
     hc = HydraConfig.get()
+    logging.raiseExceptions = False   # a log file on a full disk: the run's own one-line error, not a logging traceback
     if hc.mode != RunMode.MULTIRUN:
         install_signal_handlers()
         report_errors(run, cfg)
