@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -75,7 +76,13 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        try:
+            save_file(contiguous, str(tmp), metadata=meta)
+        except SafetensorError as e:          # the Rust writer's I/O errors, as the OSError they are (disk full)
+            if (m := re.search(r"os error (\d+)", str(e))) is None:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", check_finite: bool = True
