@@ -42,8 +42,10 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM raises Interrupted (SIGINT already raises KeyboardInterrupt). Main thread only."""
+    """SIGTERM raises Interrupted, SIGINT KeyboardInterrupt, also in a process that started with SIGINT ignored
+    (a shell starts background jobs so, and Python then keeps it ignored). Main thread only."""
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # a full, size-limited, read-only or unwritable output: one line naming the file, not a traceback
