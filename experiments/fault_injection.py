@@ -84,7 +84,9 @@ class Harness:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
         out.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen([sys.executable, "-m", "soupbench.cli", *ARGS, *extra, f"paths.output_dir={out}"],
+        keys = {e.split("=", 1)[0] for e in extra}        # an extra setting replaces the preset's own
+        args = [a for a in ARGS if a.split("=", 1)[0] not in keys]
+        proc = subprocess.Popen([sys.executable, "-m", "soupbench.cli", *args, *extra, f"paths.output_dir={out}"],
                                 cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 preexec_fn=limit)
         if background:
