@@ -247,7 +247,7 @@ class Harness:
         t0 = time.perf_counter()
         case = Case("concurrent", f"{'same' if same else 'different'} settings from {start}")
         out = self.fresh(f"concurrent-{same}-{start}", start)
-        extra = () if same else ("soup=[uniform,greedy,ensemble]",)
+        extra = () if same else ("soup=[uniform,mehl,wise_ft,ensemble]",)
         procs = [self.soupbench(out, background=True), self.soupbench(out, *extra, background=True)]
         outs = [p.communicate(timeout=2400)[0] for p in procs]
         problems = [f"process {i} exit {p.returncode}: {last_line(o)}"
