@@ -126,3 +126,20 @@ def test_fault_injection_sweep(tmp_path):
     a full, size-limited and read-only output, two processes at once."""
     summary = fault_injection.sweep(tmp_path)
     assert summary["failed"] == [], summary["failed"]
+
+
+@pytest.mark.parametrize("mode", ["truncate", "zero"])
+def test_a_damaged_decoded_image_cache_is_decoded_again(tmp_path, mode):
+    from soupbench.data.decoded_cache import load_image_folder
+    from tests.helpers import png
+
+    for k, c in enumerate(("a", "b")):
+        for j in range(3):
+            png(tmp_path / "split" / c / f"{j}.png", 50 * k + j, size=8)
+    cache = tmp_path / "cache"
+    _, first, labels = load_image_folder(tmp_path / "split", 8, cache)
+    expected = first[:].clone()
+    (file,) = cache.glob("*.safetensors")
+    fault_injection.damage_file(file, mode)
+    _, again, _ = load_image_folder(tmp_path / "split", 8, cache)
+    assert torch.equal(again[:], expected) and labels.tolist() == [0, 0, 0, 1, 1, 1]
