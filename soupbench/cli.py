@@ -3,11 +3,12 @@ clear line (exit 2) instead of a traceback."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from soupbench import CONFIG_DIR
-from soupbench.errors import report_errors
+from soupbench.errors import install_signal_handlers, report_errors
 
 # Never wait on a model hub: a missing local file must fail at once with a message that names it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +22,9 @@ def _task(cfg) -> None:
     from soupbench.sweep import mark_failed
 
     hc = HydraConfig.get()
+    logging.raiseExceptions = False   # a log file on a full disk: the run's own one-line error, not a logging traceback
     if hc.mode != RunMode.MULTIRUN:
+        install_signal_handlers()
         report_errors(run, cfg)
         return
     try:               # a sweep job: Hydra's launcher records the exception; the marker survives any launcher

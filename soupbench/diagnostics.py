@@ -130,15 +130,34 @@ def suggestion(summary: Mapping[str, dict], basin_: Mapping[str, Any]) -> str:
 
 def diagnose(results: dict, ingredients: list[Ingredient], space: Mapping[str, Any],
              heldout_accuracy: Callable[[Mapping[str, torch.Tensor]], float], top: int = 3,
-             edge_frac: float = 0.1, barrier_tol: float = 1.0) -> dict:
-    """All three checks; `lines` is the readable version (results.txt, the log, W&B)."""
+             edge_frac: float = 0.1, barrier_tol: float = 1.0, bn_reestimated_frozen: bool = False) -> dict:
+    """All three checks; `lines` is the readable version (results.txt, the log, W&B).
+
+    `bn_reestimated_frozen`: the soups' BatchNorm statistics were re-estimated (bn_recalibration.enabled) for
+    ingredients fine-tuned with frozen statistics (finetune.freeze_bn): their weights were trained against the
+    start's statistics, so new ones change what every layer sees. That is then the named cause: the uniform
+    soup is measured without re-estimation (one held-out pass) beside the reported one, and the suggestion
+    names these settings instead of the search space."""
     accs = results["ingredients"]
     methods = results["methods"]
     edges = hyperparameter_edges(accs, space, top, edge_frac)
     n_top = min(top, len(accs))
     summary = edge_summary(edges, n_top, min(accs, key=lambda g: (-accs[g]["heldout"], g)) if accs else None)
     uniform = methods.get("uniform", {}).get("heldout") if methods.get("uniform", {}).get("kind") == "weights" else None
+    reported_uniform = uniform
+    if bn_reestimated_frozen:
+        uniform = None                       # the basin check reads the plain average, statistics as trained
     basin_ = basin(ingredients, accs, uniform, heldout_accuracy, barrier_tol)
+    cause = None
+    if bn_reestimated_frozen:
+        plain = basin_.get("uniform_heldout")
+        cause = ("BatchNorm statistics were re-estimated for soups whose ingredients never updated them "
+                 "(bn_recalibration.enabled=true with finetune.freeze_bn=true): the weights were fine-tuned "
+                 "against the start's statistics")
+        if plain is not None and reported_uniform is not None:
+            cause += (f"; uniform soup {reported_uniform:.2f}% held-out with re-estimated statistics vs "
+                      f"{plain:.2f}% with the ingredients' own")
+        cause += "; set bn_recalibration.enabled=false (or fine-tune with finetune.freeze_bn=false)"
     best = max(g["heldout"] for g in accs.values())
     soups = {n: m["heldout"] for n, m in methods.items() if m["kind"] == "weights" and m["members"] >= 2}
     trail = bool(soups) and all(acc < best for acc in soups.values())
@@ -158,14 +177,16 @@ def diagnose(results: dict, ingredients: list[Ingredient], space: Mapping[str, A
                      f"two (barrier {basin_['barrier']:+.2f} pp: {verdict}); uniform soup "
                      f"{basin_['uniform_heldout']:.2f}% vs {basin_['ingredient_mean_heldout']:.2f}% mean ingredient "
                      f"({basin_['uniform_gap']:+.2f} pp)")
-    advice = suggestion(summary, basin_) if trail else None
+    advice = (cause or suggestion(summary, basin_)) if trail else None
+    if cause:
+        lines.insert(0, f"cause: {cause}")
     if trail:
         lines.append(f"every weight soup trails the best individual on held-out ({best:.2f}%): {advice}")
     elif soups:
         ahead = [n for n, acc in soups.items() if acc >= best]
         lines.append(f"soups at or above the best individual on held-out ({best:.2f}%): {', '.join(ahead)}")
     return {"top": n_top, "edge_frac": edge_frac, "edges": edges, "edge_summary": summary, "basin": basin_,
-            "soups_trail_best": trail, "suggestion": advice, "lines": lines}
+            "soups_trail_best": trail, "suggestion": advice, "cause": cause, "lines": lines}
 
 
 def where(edge: str) -> str:

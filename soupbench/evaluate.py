@@ -10,6 +10,7 @@ weights scored from the store agree; fp16 can only create ties between top score
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,11 +21,14 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from soupbench import faults
 from soupbench.data import DataBundle, Split
-from soupbench.errors import ConfigError
+from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import fingerprint, to_device
 from soupbench.rowfile import MappedRows, in_memory, write_rows
 from soupbench.runtime import autocast, like_model, release_host_memory
+
+log = logging.getLogger("soupbench")
 
 FP16_MAX = 65504.0
 FLUSH_ROWS = 4096           # scores gathered on the device before one copy to the host (no sync per batch)
@@ -238,6 +242,7 @@ class Evaluator:
                    self._predict(state, split),
                    {"split": split, "fingerprint": fp, "columns": "class_groups" if sp.class_groups else "all"})
         release_host_memory()
+        faults.point("evaluate.scores")
         return MappedRows(path, "scores")
 
     def scores(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
@@ -251,7 +256,20 @@ class Evaluator:
     def cached_score_rows(self, fp: str, split: str) -> MappedRows | None:
         """Scores already stored for weights with fingerprint `fp`, mapped, or None."""
         path = self.score_file(fp, split)
-        return MappedRows(path, "scores") if path is not None and path.is_file() else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            rows = MappedRows(path, "scores")
+        except CheckpointError as e:           # truncated or zero-filled: a cache is recomputed, never used
+            log.warning("%s; recomputing the scores", e)
+            path.unlink(missing_ok=True)
+            return None
+        if rows.shape[0] != len(self.splits[split]):
+            log.warning("%s: %d rows for %d images; recomputing the scores", path, rows.shape[0],
+                        len(self.splits[split]))
+            path.unlink(missing_ok=True)
+            return None
+        return rows
 
     def accuracy(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
                  cache: bool = True) -> float:

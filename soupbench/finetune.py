@@ -16,11 +16,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from soupbench.backbones import Classifier, set_batchnorm_eval
+from soupbench import faults
+from soupbench.backbones import Classifier, has_batchnorm, set_batchnorm_eval
+from soupbench.batches import num_batches
 from soupbench.data import Split
 from soupbench.data.streaming import TrainImages, epoch_loader, eval_transform, train_transform
 from soupbench.distributed import World, barrier
 from soupbench.errors import ConfigError, DataError
+from soupbench.guards import (
+    DivergedError,
+    divergence_warning,
+    require_finite_losses,
+    require_finite_tensors,
+    setting,
+)
 from soupbench.io import atomic_path, hash_settings
 from soupbench.runtime import autocast, cosine_with_warmup, progress_bar
 
@@ -125,12 +134,25 @@ def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: f
         loss.backward()
         return loss
 
+    knob = (f"{setting('finetune.linear_probe.weight_decay', float(weight_decay))}, "
+            f"{setting('finetune.linear_probe.max_iter', max_iter)}")
+    with torch.no_grad():
+        start_loss = F.cross_entropy(head(feats), labels).item()
+    require_finite_tensors({"features": feats}, "the frozen encoder's", knob,
+                           "the backbone's weights or the images are broken (check backbone.weights)")
     opt.step(closure)
     with torch.no_grad():
         logits = head(feats)
         loss = F.cross_entropy(logits, labels).item()
         acc = 100.0 * (logits.argmax(1) == labels).float().mean().item()
-    return {"lp_train_loss": loss, "lp_train_acc": acc}
+    require_finite_losses([loss], "L-BFGS loss", "the linear probe", knob,
+                          "raise finetune.linear_probe.weight_decay or lower max_iter")
+    require_finite_tensors(dict(head.named_parameters()), "linear-probe head tensor", knob,
+                           "raise finetune.linear_probe.weight_decay or lower max_iter")
+    out = {"lp_train_loss": loss, "lp_train_acc": acc}
+    if (warning := divergence_warning(start_loss, loss, "training loss", "the linear probe", knob)):
+        out["warnings"] = [warning]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
@@ -185,7 +207,12 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     data = TrainImages(train, train_transform(str(hp.get("augment", "none")), settings.image_size,
                                               hp.get("randaugment"), mean), seed)
     epochs = int(hp["epochs"])
-    steps_per_epoch = math.ceil(math.ceil(len(train) / world.size) / local_batch)
+    per_rank = math.ceil(len(train) / world.size)                # DistributedSampler pads every share to this
+    if per_rank < 2 and not settings.freeze_bn and has_batchnorm(model):
+        raise ConfigError(f"finetune.freeze_bn=false: {len(train)} training image(s) over {world.size} rank(s) "
+                          "leave batches of one image, which BatchNorm in train mode cannot take; use more "
+                          "images or finetune.freeze_bn=true")
+    steps_per_epoch = num_batches(per_rank, local_batch)         # a remainder under half a batch is folded
     total = steps_per_epoch * epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total, settings.warmup_frac,
                                                                       settings.warmup_steps))
@@ -197,14 +224,18 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step, tail_sum, tail_n = 0, torch.zeros((), device=device), 0
+    step, tail_sum, tail_n, first_loss_resumed = 0, torch.zeros((), device=device), 0, None
     if checkpoint is not None and checkpoint.is_file():
-        step, tail_sum, tail_n = _resume(checkpoint, model, opt, sched, device, total)
+        step, tail_sum, tail_n, first_loss_resumed = _resume(checkpoint, model, opt, sched, device, total)
         log.info("%s: resuming from step %d of %d (%s)", desc, step, total, checkpoint.name)
     tail_from = total - max(1, steps_per_epoch // 4)
     bar = progress_bar(None, desc, progress and world.main, total=total, initial=step)
     loss_sum, last_logged = torch.zeros((), device=device), step
-    bad = torch.zeros((), dtype=torch.bool, device=device)      # any non-finite loss: checked once per epoch
+    # the step whose loss first stopped being finite (0: none) and the first step's loss, kept on the device and
+    # read only at checkpoints and epoch ends (soupbench.guards): no extra synchronisation per step
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    first_loss = torch.full((), float("nan") if step else 0.0, device=device) if first_loss_resumed is None \
+        else torch.tensor(first_loss_resumed, device=device)
     for epoch in range(step // steps_per_epoch, epochs):
         loader = epoch_loader(data, epoch, world.rank, world.size, local_batch, seed, settings.workers,
                               device.type == "cuda", skip_batches=step - epoch * steps_per_epoch)
@@ -226,8 +257,11 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
             opt.step()
             sched.step()
             step += 1
+            faults.point("finetune.step")
             loss_sum += loss.detach()
-            bad |= ~torch.isfinite(loss.detach())
+            if step == 1:
+                first_loss = loss.detach().float().clone()
+            bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             if step > tail_from:
                 tail_sum += loss.detach()
                 tail_n += 1
@@ -238,22 +272,41 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
                 last_logged = step
             if checkpoint is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0 \
                     and step % steps_per_epoch:
-                _save_checkpoint(checkpoint, model, opt, sched, step, total, tail_sum, tail_n, world)
-        if bad.item():
-            raise ConfigError(f"{desc}: the training loss became NaN/Inf (lr={hp['lr']}); lower finetune.space.lr")
+                _require_finite(bad_step, model, hp, desc, total)
+                _save_checkpoint(checkpoint, model, opt, sched, step, total, tail_sum, tail_n, world, first_loss)
+        _require_finite(bad_step, model, hp, desc, total)
         if checkpoint is not None and step < total:
-            _save_checkpoint(checkpoint, model, opt, sched, step, total, tail_sum, tail_n, world)
+            _save_checkpoint(checkpoint, model, opt, sched, step, total, tail_sum, tail_n, world, first_loss)
+            faults.point("finetune.checkpoint")
     bar.close()
     model.eval()
-    return {"final_train_loss": float(tail_sum) / max(1, tail_n), "steps": total}
+    final = float(tail_sum) / max(1, tail_n)
+    out: dict[str, Any] = {"final_train_loss": final, "steps": total}
+    if (warning := divergence_warning(float(first_loss), final, "training loss", desc, _lr_setting(hp))):
+        out["warnings"] = [warning]
+    return out
 
+
+def _lr_setting(hp: Mapping[str, Any]) -> str:
+    return f"finetune.space.lr (this ingredient: {setting('lr', float(hp['lr']))})"
+
+
+def _require_finite(bad_step: torch.Tensor, model: Classifier, hp: Mapping[str, Any], desc: str, total: int) -> None:
+    """Before any checkpoint or ingredient is written (soupbench.guards): a non-finite loss or weight stops the run
+    with one line naming finetune.space.lr; the last checkpoint on disk stays the last finite one."""
+    if (at := int(bad_step)) > 0:
+        raise DivergedError(f"{_lr_setting(hp)}: the training loss became NaN or Inf at step {at} of {total} of "
+                            f"{desc}; nothing saved: lower finetune.space.lr")
+    require_finite_tensors(model.state_dict(), "weight", _lr_setting(hp),
+                           f"nothing saved ({desc}): lower finetune.space.lr")
 
 def _save_checkpoint(path: Path, model: Classifier, opt: torch.optim.Optimizer, sched: Any, step: int, total: int,
-                     tail_sum: torch.Tensor, tail_n: int, world: World) -> None:
+                     tail_sum: torch.Tensor, tail_n: int, world: World, first_loss: torch.Tensor | None = None) -> None:
     """Everything a resume needs, written atomically by rank 0; every rank waits for it."""
     if world.main:
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                  "step": step, "total": total, "tail_sum": float(tail_sum), "tail_n": tail_n,
+                 "first_loss": None if first_loss is None else float(first_loss),
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         with atomic_path(path) as tmp:
@@ -262,8 +315,9 @@ def _save_checkpoint(path: Path, model: Classifier, opt: torch.optim.Optimizer, 
 
 
 def _resume(path: Path, model: Classifier, opt: torch.optim.Optimizer, sched: Any, device: torch.device,
-            total: int) -> tuple[int, torch.Tensor, int]:
-    """Load the checkpoint into the model, optimizer and schedule; (step, tail loss sum, tail count)."""
+            total: int) -> tuple[int, torch.Tensor, int, float | None]:
+    """Load the checkpoint into the model, optimizer and schedule; (step, tail loss sum, tail count, the first
+    step's loss)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError) as e:
@@ -278,7 +332,8 @@ def _resume(path: Path, model: Classifier, opt: torch.optim.Optimizer, sched: An
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), torch.tensor(state["tail_sum"], device=device), int(state["tail_n"])
+    return (int(state["step"]), torch.tensor(state["tail_sum"], device=device), int(state["tail_n"]),
+            state.get("first_loss"))
 
 
 def ingredient_id(index: int, hp: Mapping[str, Any], seed: int, fixed: Mapping[str, Any]) -> str:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from soupbench import faults
 from soupbench.errors import CheckpointError, ConfigError
-from soupbench.io import load_weights, read_json, save_weights, write_json
+from soupbench.io import load_verified, read_json, save_weights, write_json
+from soupbench.names import nfc
 
 REQUIRED_FIELDS = {"fingerprint", "heldout_acc"}     # what every ingredient record must hold
 
@@ -35,7 +37,8 @@ class Ingredient:
         return self.meta["fingerprint"]
 
     def load(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return load_weights(self.path, device)
+        """The weights, checked against the fingerprint the JSON recorded (once per process)."""
+        return load_verified(self.path, self.meta.get("fingerprint"), device)
 
 
 def save_ingredient(directory: str | Path, ingredient_id: str, state: Mapping[str, torch.Tensor],
@@ -43,6 +46,7 @@ def save_ingredient(directory: str | Path, ingredient_id: str, state: Mapping[st
     directory = Path(directory)
     path = directory / f"{ingredient_id}.safetensors"
     save_weights(path, state, {"id": ingredient_id, "base_fingerprint": meta.get("base_fingerprint", "")})
+    faults.point("ingredient.weights_saved")
     write_json(directory / f"{ingredient_id}.json", {"id": ingredient_id, **meta})
     return Ingredient(ingredient_id, path, {"id": ingredient_id, **meta})
 
@@ -68,7 +72,7 @@ def list_ingredients(directory: str | Path) -> list[Ingredient]:
         weights = meta_path.with_suffix(".safetensors")
         if not weights.is_file():
             raise CheckpointError(f"{meta_path}: its weights file {weights.name} is missing")
-        out.append(Ingredient(meta.get("id", meta_path.stem), weights, meta))
+        out.append(Ingredient(nfc(meta.get("id", meta_path.stem)), weights, meta))   # ids matched as text
     return sorted(out, key=lambda g: natural_key(g.id))
 
 

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -75,7 +76,13 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        try:
+            save_file(contiguous, str(tmp), metadata=meta)
+        except SafetensorError as e:          # the Rust writer's I/O errors, as the OSError they are (disk full)
+            if (m := re.search(r"os error (\d+)", str(e))) is None:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", check_finite: bool = True
@@ -92,6 +99,28 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", ch
     tensors = to_device(tensors, device)
     if check_finite:
         require_finite(tensors, path)
+    return tensors
+
+
+_VERIFIED: set[tuple[str, int, int, str]] = set()      # (path, size, mtime_ns, fingerprint) checked in this process
+
+
+def load_verified(path: str | os.PathLike, expected_fp: str | None, device: str | torch.device = "cpu"
+                  ) -> dict[str, torch.Tensor]:
+    """`load_weights`, and the content hash against the fingerprint its JSON recorded: a file that was
+    truncated, zero-filled or altered in place raises CheckpointError naming it instead of being used. The
+    hash is checked once per process per (file, size, mtime) (a greedy or learned soup loads an ingredient
+    many times)."""
+    tensors = load_weights(path, device)
+    if expected_fp is None:
+        return tensors
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, expected_fp)
+    if key not in _VERIFIED:
+        if (fp := fingerprint(tensors)) != expected_fp:
+            raise CheckpointError(f"{path}: its contents (fingerprint {fp}) are not what its JSON recorded "
+                                  f"({expected_fp}): the file was damaged or replaced; delete it to recompute")
+        _VERIFIED.add(key)
     return tensors
 
 

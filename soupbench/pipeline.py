@@ -3,6 +3,7 @@ artefacts under the run directory and a rerun with the same config reuses whatev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import shutil
@@ -15,27 +16,30 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from soupbench import diagnostics, distributed, report, stats, tracking
+from soupbench import diagnostics, distributed, faults, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
 from soupbench.backbones.depthwise_grad import set_depthwise_grad
 from soupbench.config_schema import validate
 from soupbench.data import DataBundle, Split
 from soupbench.data.streaming import decoded
 from soupbench.distributed import barrier
-from soupbench.errors import ConfigError, SoupbenchError
+from soupbench.errors import CheckpointError, ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator, accuracy, correct_by_rows, ensemble_correct, percent
 from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, ingredient_id, linear_probe
+from soupbench.guards import require_finite_tensors
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict, save_ingredient
 from soupbench.io import (
     file_lock,
     fingerprint,
     hash_settings,
+    load_verified,
     load_weights,
     read_json,
     reusable_meta,
     save_weights,
     write_json,
 )
+from soupbench.names import nfc, show_all
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
@@ -94,9 +98,24 @@ class Run:
                                    cfg.eval.batch_size, self.device, self.progress, cfg.eval.images_on_device,
                                    cfg.eval.precision)
         self.warnings: list[str] = self.check_heldout_protocol(self.data.heldout_source)
+        if self.bn_reestimated_frozen():
+            msg = ("bn_recalibration.enabled=true with finetune.freeze_bn=true: the ingredients are fine-tuned with "
+                   "the start's BatchNorm statistics frozen, so their weights expect those statistics; re-estimating "
+                   "them for the soups changes what every layer sees and costs accuracy (the tiny preset's uniform "
+                   "soup: 66.7% -> 12.5% held-out). Set bn_recalibration.enabled=false, or finetune.freeze_bn=false "
+                   "to fine-tune with BatchNorm in train mode")
+            log.warning("%s", msg)
+            self.warnings.append(msg)
         self.base: dict[str, torch.Tensor] = {}
         self.base_fp = ""
         self.start_problem: str | None = None      # why θ0 is not the ingredients' start (soups that use it stop)
+
+    def bn_reestimated_frozen(self) -> bool:
+        """BatchNorm statistics re-estimated for soups of ingredients that never updated them (frozen while
+        fine-tuning): a combination known to hurt (warned at start, named by the diagnostics). Not refused: it is
+        a legitimate measurement (how much re-estimation costs), and ingredients already trained with frozen
+        statistics would otherwise have no way to be re-estimated at all."""
+        return bool(self.cfg.bn_recalibration.enabled and self.cfg.finetune.freeze_bn and has_batchnorm(self.model))
 
     def check_heldout_protocol(self, source: str | None) -> list[str]:
         """Imported ingredients must be selected on their own held-out images: the released model-soups
@@ -134,6 +153,7 @@ class Run:
         """The shared start θ0: pretrained encoder + linear-probe head, computed once per settings (under a lock,
         so the parallel jobs of a sweep compute it once and the others reuse it). Ingredients from files start
         from `ingredients.start` (a file) or the backbone as built: no linear probe is fitted for them."""
+        faults.set_stage("linear probe")
         ing = self.cfg.ingredients
         if ing.from_files is not None:
             if ing.start is not None:
@@ -157,12 +177,15 @@ class Run:
         if cfg.finetune.precision != "auto":     # part of the key only when set, so earlier probes stay reusable
             settings["precision"] = cfg.finetune.precision
         path, meta_path = self.layout.lp_weights, self.layout.lp_meta
-        if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None:
-            self.base = load_weights(path)
+        if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None \
+                and (base := self.verified(path, stored.get("fingerprint"), "linear probe")) is not None:
+            self.base = base
             self.model.load_state_dict(self.base)
             self.base_fp = stored["fingerprint"]
+            self.warnings += stored.get("warnings", [])
             log.info("linear probe: reusing %s", path)
             return
+        faults.point("lp.start")
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
@@ -170,12 +193,24 @@ class Run:
                              cfg.finetune.precision)
         self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self.base_fp = fingerprint(self.base)
+        self.warnings += stats.get("warnings", [])
         heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
         save_weights(path, self.base, {"fingerprint": self.base_fp})
+        faults.point("lp.weights_saved")
         write_json(meta_path, {"settings_hash": hash_settings(settings), "fingerprint": self.base_fp,
                                "heldout_acc": heldout, "time_s": time.perf_counter() - t0, **stats,
                                "settings": settings})
         log.info("linear probe: held-out %.2f%% (%.1fs)", heldout, time.perf_counter() - t0)
+
+    @staticmethod
+    def verified(path: Path, fp: str | None, what: str) -> dict[str, torch.Tensor] | None:
+        """The weights of a finished artefact, checked (readable, finite, the fingerprint its JSON recorded), or
+        None after a warning when the file is missing or damaged: the caller recomputes it instead of using it."""
+        try:
+            return load_verified(path, fp)
+        except CheckpointError as e:
+            log.warning("%s: %s; recomputing it", what, e)
+            return None
 
     # ------------------------------------------------------------------------------------------ finetune
     def planned_ingredients(self) -> list[tuple[str, dict, int]]:
@@ -217,6 +252,7 @@ class Run:
 
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
+        faults.set_stage("finetune")
         if self.cfg.ingredients.from_files is not None:
             self.import_stage(tracker)
             return
@@ -231,18 +267,32 @@ class Run:
         rows = []
         for n, (gid, hp, seed) in enumerate(plan):
             meta_path = self.ingredient_dir / f"{gid}.json"
-            if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None:
-                if not self.world.main:
-                    continue
-                meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
-                log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
-            else:
-                meta = self.train_ingredient(gid, hp, seed, train, desc=f"ingredient {n + 1}/{len(plan)}")
-                if meta is None:                 # a rank > 0: rank 0 saved it
-                    continue
-            rows.append([gid, meta["heldout_acc"], *[hp[k] for k in sorted(hp)]])
+            # one process trains an ingredient at a time (two runs on one directory: the second waits and reuses
+            # it); not across the ranks of one torch.distributed job, which train it together
+            lock = (file_lock(self.ingredient_dir / ".locks" / f"{gid}.lock") if not self.world.distributed
+                    else contextlib.nullcontext())
+            with lock:
+                row = self._ingredient(n, gid, hp, seed, meta_path, train, len(plan))
+            if row is not None:
+                rows.append(row)
         if rows:
             tracker.log_table("ingredients", ["id", "heldout_acc", *sorted(plan[0][1])], rows)
+
+    def _ingredient(self, n: int, gid: str, hp: dict, seed: int, meta_path: Path, train: Any, count: int
+                    ) -> list | None:
+        """Reuse ingredient `gid` when it is finished and intact, else train it; its table row (rank 0)."""
+        if (meta := reusable_meta(meta_path, "base_fingerprint", self.base_fp)) is not None and (
+                not self.world.main or self.verified(meta_path.with_suffix(".safetensors"), meta.get("fingerprint"),
+                                                     f"ingredient {gid}") is not None):
+            if not self.world.main:
+                return None
+            meta["heldout_acc"] = self.heldout_acc(Ingredient(gid, meta_path.with_suffix(".safetensors"), meta))
+            log.info("ingredient %s: reusing (held-out %.2f%%)", gid, meta["heldout_acc"])
+        else:
+            meta = self.train_ingredient(gid, hp, seed, train, desc=f"ingredient {n + 1}/{count}")
+            if meta is None:                 # a rank > 0: rank 0 saved it
+                return None
+        return [gid, meta["heldout_acc"], *[hp[k] for k in sorted(hp)]]
 
     def train_ingredient(self, gid: str, hp: dict, seed: int, train: Any, desc: str) -> dict | None:
         """Fine-tune one ingredient (on every rank of a torch.distributed job) and save it (rank 0), resuming
@@ -336,16 +386,16 @@ class Run:
             log.warning("start check: %s", self.start_problem)
 
     def selected_ingredients(self) -> list[Ingredient]:
-        found = {g.id: g for g in list_ingredients(self.ingredient_dir)}
+        found = {g.id: g for g in list_ingredients(self.ingredient_dir)}     # ids in NFC (list_ingredients)
         select = self.cfg.ingredients.select
         if select == "all":
             chosen = list(found.values())
         elif select == "config":
-            ids = self.planned_ids()
+            ids = [nfc(gid) for gid in self.planned_ids()]
             missing = [gid for gid in ids if gid not in found]
             if missing:
                 raise ConfigError(f"{len(missing)} of {len(ids)} ingredients are not finished in "
-                                  f"{self.ingredient_dir} (e.g. {missing[:3]}): run the finetune stage "
+                                  f"{self.ingredient_dir} (e.g. {show_all(missing[:3])}): run the finetune stage "
                                   "first, or set ingredients.select=all")
             chosen = [found[gid] for gid in ids]
         else:
@@ -376,11 +426,15 @@ class Run:
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.layout.soup_meta(name)
             if (old := reusable_meta(meta_path, "settings_hash", key)) is not None and all(
-                    built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()):
+                    built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()) and (
+                    old["kind"] != "weights" or self.verified(self.layout.soup_weights(name), old.get("fingerprint"),
+                                                             f"soup {name}") is not None):
                 log.info("soup %s: reusing %s", name, meta_path)
                 built[name] = old
                 self.export(name, old)
                 continue
+            faults.set_stage(f"soup {name}")
+            faults.point(f"soup.{name}.start")
             make_soup = build(scfg)
             used: dict[str, str] = {}
             ctx = SoupContext(
@@ -389,7 +443,8 @@ class Run:
                 heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
                 ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
                 precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
-                earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used))
+                earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used),
+                name=name)
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             t0 = time.perf_counter()
@@ -403,11 +458,15 @@ class Run:
             meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
                     "members": result.members, "depends_on": used,
                     "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
-            if result.state is not None:
+            if result.state is not None:                # a soup that is not finite is never saved
+                require_finite_tensors(result.state, "soup tensor", f"soup.{name}",
+                                       f"nothing of soup {name} was saved; change soup.{name}.* (e.g. a lower lr)")
                 meta["fingerprint"] = fingerprint(result.state)
                 save_weights(self.layout.soup_weights(name), result.state,
                              {"method": name, "members": ",".join(result.members)})
+                faults.point(f"soup.{name}.weights_saved")
             write_json(meta_path, meta)
+            faults.point(f"soup.{name}.saved")
             built[name] = meta
             self.export(name, meta, result.state)
             shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
@@ -421,13 +480,14 @@ class Run:
         if meta["kind"] != "weights" or not formats or not self.world.main or \
                 is_exported(self.cfg.export.dir, name, formats, meta["fingerprint"]):
             return
-        state = state if state is not None else load_weights(self.layout.soup_weights(name))
+        state = state if state is not None else load_verified(self.layout.soup_weights(name), meta["fingerprint"])
         paths = export_soup(state, self.model.source_keys, self.cfg.export.dir, name, formats, meta["fingerprint"])
         log.info("soup %s: exported %s", name, ", ".join(str(p) for p in paths))
 
     def earlier_soup(self, built: dict[str, dict], name: str, wanted: str, used: dict[str, str]) -> SoupResult:
         """Soup `wanted`, built before soup `name` in this run (WiSE-FT on top of greedy); recorded in `used`
         so that `name` is rebuilt when `wanted` changes."""
+        wanted = nfc(wanted)
         meta = built.get(wanted)
         if meta is None:
             raise ConfigError(f"soup.{name} starts from soup '{wanted}', which is not built before it in this run "
@@ -435,10 +495,12 @@ class Run:
         if meta["kind"] != "weights":
             raise ConfigError(f"soup.{name} starts from soup '{wanted}', an output ensemble: it has no weights")
         used[wanted] = meta["fingerprint"]
-        return SoupResult(meta["members"], load_weights(self.layout.soup_weights(wanted)), meta["info"])
+        return SoupResult(meta["members"], load_verified(self.layout.soup_weights(wanted), meta["fingerprint"]),
+                          meta["info"])
 
     # ------------------------------------------------------------------------------------------ evaluate
     def evaluate_stage(self, ingredients: list[Ingredient]) -> dict:
+        faults.set_stage("evaluate")
         splits = self.evaluator.splits
         by_id = {g.id: g for g in ingredients}
         ing_results = {}
@@ -449,19 +511,20 @@ class Run:
             accs = {s: percent(h) for s, h in g_hits.items()}
             ing_results[g.id] = {**accs, "ood_avg": ood_average(accs, self.data), "hyperparameters":
                                  g.meta.get("hyperparameters", {})}
-        methods = {}
+        methods, soup_warnings = {}, []
         for name in selected_soups(self.cfg):
             meta_path = self.layout.soup_meta(name)
             if not meta_path.is_file():
                 raise ConfigError(f"soup '{name}' has not been built ({meta_path} missing): run the soup stage")
             meta = read_json(meta_path)
+            soup_warnings += meta.get("info", {}).get("warnings", [])
             hits[f"method/{name}"] = method_hits = {}
             if meta["kind"] == "weights":
                 state = None
                 for s, split in splits.items():
                     scores = self.evaluator.cached_score_rows(meta["fingerprint"], s)
                     if scores is None:
-                        state = state or load_weights(self.layout.soup_weights(name))
+                        state = state or load_verified(self.layout.soup_weights(name), meta["fingerprint"])
                         scores = self.evaluator.score_rows(state, s, meta["fingerprint"])
                     method_hits[s] = correct_by_rows(scores, split)
             else:
@@ -476,16 +539,20 @@ class Run:
                              "peak_mem_mb": meta.get("peak_mem_mb")}
             if meta["info"].get("curve_alphas"):
                 methods[name]["curve"] = self.wise_ft_curve(meta, by_id)
+        warnings = [*self.warnings, *[w for g in ingredients for w in g.meta.get("warnings", [])],
+                    *soup_warnings]
         results = {"name": self.cfg.run_name, "splits": {s: len(v) for s, v in splits.items()},
                    "ood_splits": list(self.data.ood), "methods": methods, "ingredients": ing_results,
-                   "base_fingerprint": self.base_fp, "warnings": self.warnings, "paper": paper_figures(self.cfg),
+                   "base_fingerprint": self.base_fp, "warnings": warnings, "paper": paper_figures(self.cfg),
                    "reference": {m: dict(v) for m, v in container(self.cfg.report.reference).items()},
                    "reference_source": self.cfg.report.reference_source,
                    "config": container(self.cfg), "runtime": self.runtime()}
         save_weights(self.layout.correct, {f"{k}/{s}": h for k, v in hits.items() for s, h in v.items()})
+        faults.point("evaluate.correct")
         results["bootstrap"] = self.bootstrap(hits)
         if self.cfg.diagnostics.enabled:
             results["diagnostics"] = self.diagnostics(ingredients, results)
+        faults.point("evaluate.results")
         write_json(self.layout.results(), results)
         return results
 
@@ -522,8 +589,8 @@ class Run:
         methods = {k.removeprefix("method/"): {s: h.numpy() for s, h in v.items()}
                    for k, v in hits.items() if k.startswith("method/")}
         splits = [s for s in self.evaluator.splits if s != "heldout"]
-        deltas = stats.paired_deltas(methods, splits, list(self.data.ood), list(b.references), b.num_samples,
-                                     b.confidence, b.seed)
+        refs = [nfc(r) for r in b.references]
+        deltas = stats.paired_deltas(methods, splits, list(self.data.ood), refs, b.num_samples, b.confidence, b.seed)
         return {"num_samples": b.num_samples, "confidence": b.confidence, "seed": b.seed, "deltas": deltas}
 
     def diagnostics(self, ingredients: list[Ingredient], results: dict) -> dict:
@@ -531,7 +598,8 @@ class Run:
         best two's midpoint: one held-out pass, cached like any logits) and a suggestion."""
         d = self.cfg.diagnostics
         out = diagnostics.diagnose(results, ingredients, container(self.cfg.finetune.space),
-                                   lambda s: self.evaluator.accuracy(s, "heldout"), d.top, d.edge_frac, d.barrier_tol)
+                                   lambda s: self.evaluator.accuracy(s, "heldout"), d.top, d.edge_frac, d.barrier_tol,
+                                   self.bn_reestimated_frozen())
         for line in out["lines"]:
             log.info("diagnostics: %s", line)
         return out
@@ -540,7 +608,7 @@ class Run:
 def selected_soups(cfg: DictConfig) -> dict[str, DictConfig]:
     """The soup methods chosen with `soup=[...]`. A preset may also carry settings for methods the command
     line then leaves out (`soup.learned.epochs` with `soup=[uniform]`): those have no `_target_` and are skipped."""
-    chosen = {name: node for name, node in cfg.soup.items() if "_target_" in node}
+    chosen = {nfc(name): node for name, node in cfg.soup.items() if "_target_" in node}   # names as text
     if not chosen:
         raise ConfigError(f"no soup method selected (soup={list(cfg.soup)}): choose some, e.g. soup=[uniform,greedy]")
     for name in cfg.soup:
@@ -595,14 +663,23 @@ def run(cfg: DictConfig) -> dict | None:
             run_.finetune_stage(tracker)
         results = None
         needs_soup = any(s in stages for s in ("soup", "evaluate", "report"))
-        ingredients = run_.selected_ingredients() if needs_soup else []
-        if "soup" in stages:
-            run_.soup_stage(ingredients)
-        if "evaluate" in stages:
-            results = run_.evaluate_stage(ingredients)
-        if "report" in stages:
-            results = results or read_json(run_.layout.results())
-            report.report(results, run_.layout, tracker)
+        # two processes on one run directory take turns from here (the soups, results.json and correct.safetensors
+        # are one per run directory): the second waits, then reuses what the first built or rebuilds for its
+        # own settings
+        with file_lock(run_.layout.root / ".run.lock") if needs_soup else contextlib.nullcontext():
+            ingredients = run_.selected_ingredients() if needs_soup else []
+            if "soup" in stages:
+                run_.soup_stage(ingredients)
+            if "evaluate" in stages:
+                results = run_.evaluate_stage(ingredients)
+            if "report" in stages:
+                faults.set_stage("report")
+                faults.point("report.start")
+                results = results or read_json(run_.layout.results())
+                report.report(results, run_.layout, tracker)
+                faults.point("report.done")
+        faults.set_stage("W&B finish")
+        faults.point("tracker.finish")
         tracker.finish(0)
         return results
     except BaseException:

@@ -4,7 +4,7 @@ paired bootstrap interval (soupbench.stats), so a table says which gaps are more
 
 from __future__ import annotations
 
-from soupbench import plots
+from soupbench import faults, plots
 from soupbench.io import atomic_path, read_json
 from soupbench.run_layout import RunLayout
 from soupbench.tables import Interval, Signed, render
@@ -119,6 +119,7 @@ def report(results: dict, layout: RunLayout, tracker: Tracker) -> str:
         log_diagnostics(results["diagnostics"], tracker)
     tracker.log_metrics({f"{name}/{k}": v for name, m in results["methods"].items() for k, v in m.items()
                          if isinstance(v, int | float)})
+    faults.point("report.plots")
     figures = plots.all_plots(results, layout)
     tracker.log_images(figures)
     log_soup_artifacts(results, layout, tracker)

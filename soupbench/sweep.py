@@ -52,6 +52,10 @@ def after_sweep_config(config: DictConfig, seed: int | None = None) -> DictConfi
     return cfg
 
 
+def _make_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+
+
 class SoupAfterSweep(Callback):
     """Hydra callback (configured under `hydra.callbacks` in conf/config.yaml): before a multirun, check its
     settings; after one that trained ingredients by index, run soup -> evaluate -> report once, in the
@@ -59,6 +63,11 @@ class SoupAfterSweep(Callback):
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Before a single run, before Hydra writes its own files there: the run directory must be writable
+        (a read-only or full output is one line, exit 2, instead of Hydra's traceback)."""
+        report_errors(_make_dir, Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A bad setting stops the sweep here, with one line, before any job starts. The device is checked

@@ -68,20 +68,34 @@ def has_batchnorm(model: nn.Module) -> bool:
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, state: dict[str, torch.Tensor], images: torch.Tensor, batch_size: int,
                           device: torch.device) -> dict[str, torch.Tensor]:
-    """Re-estimate every BatchNorm's running mean/var for the weights `state` on `images` (exact averages over
-    the batches, momentum=None), leaving the weights alone. Averaged weights do not match averaged statistics,
-    so BN soups can need this. Returns the new state dict (CPU)."""
+    """Re-estimate every BatchNorm's running mean/var for the weights `state` on `images`, leaving the weights
+    alone. Averaged weights do not match averaged statistics, so BN soups can need this. Returns the new state
+    dict (CPU).
+
+    Batches are cut by `soupbench.batches.batch_bounds`: a remainder under half a batch is folded into the
+    previous batch (a last batch of one image cannot pass a BatchNorm in train mode on a 1x1 map), and each
+    batch's statistics are weighted by its number of images (momentum n_i / (images so far + n_i)), so the
+    estimate is the image-weighted mean of the batch statistics, not a batch-weighted one."""
+    from soupbench.batches import batch_bounds
+    from soupbench.errors import ConfigError
+
+    if len(images) < 2:
+        raise ConfigError(f"bn_recalibration: {len(images)} image(s) to re-estimate BatchNorm statistics on; at "
+                          "least 2 are needed (raise bn_recalibration.num_images or the training split)")
     model.load_state_dict(state)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
     model.eval()
     for m in bns:
         m.train()
-    for i in range(0, len(images), batch_size):
-        model(images[i:i + batch_size].to(device))
+    seen = 0
+    for start, stop in batch_bounds(len(images), batch_size):
+        for m in bns:
+            m.momentum = (stop - start) / (seen + stop - start)
+        model(images[start:stop].to(device))
+        seen += stop - start
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
     model.eval()

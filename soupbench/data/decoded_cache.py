@@ -4,6 +4,7 @@ decode JPEGs again."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +16,9 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from soupbench.errors import DataError
+from soupbench.errors import CheckpointError, DataError
 from soupbench.io import hash_settings
+from soupbench.names import difference, nfc, unique_nfc
 from soupbench.rowfile import MappedRows, write_rows
 
 # part of every cache key: caches decoded by the earlier transform (long side and crop offset rounded the other
@@ -26,17 +28,20 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 
 
 def list_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
-    """Classes (sorted sub-folder names), image paths and labels of an ImageFolder tree."""
+    """Classes (sub-folder names in NFC, sorted), image paths (on-disk names) and labels of an ImageFolder tree."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    on_disk = unique_nfc((d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                         f"{root}: class folders")
+    classes = sorted(on_disk)                    # NFC names, sorted as NFC: one label order in every split
     if not classes:
         raise DataError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
     paths, labels = [], []
     for k, c in enumerate(classes):
-        files = sorted(p for p in (root / c).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        folder = root / on_disk[c]               # opened by its on-disk name (NFD on macOS file systems)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise DataError(f"{root / c}: class folder holds no images")
+            raise DataError(f"{folder}: class folder holds no images")
         paths += files
         labels += [k] * len(files)
     return classes, paths, labels
@@ -74,9 +79,16 @@ def decode_cached(paths: list[Path], root: Path, size: int, cache_dir: str | os.
     key = hash_settings({"root": str(root), "size": size, "border": border, "transform": TRANSFORM_VERSION,
                          "files": [(str(p.relative_to(root)), p.stat().st_size) for p in paths]})
     cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return MappedRows(cache, "images")
     shape = (len(paths), 3, size, size)
+    if cache is not None and cache.is_file():
+        try:                                  # a truncated or zero-filled cache is decoded again, never used
+            rows = MappedRows(cache, "images")
+            if tuple(rows.shape) == shape:
+                return rows
+            raise CheckpointError(f"{cache}: {tuple(rows.shape)} images, expected {shape}")
+        except CheckpointError as e:
+            logging.getLogger("soupbench").warning("%s; decoding the images again", e)
+            cache.unlink(missing_ok=True)
     with ThreadPoolExecutor(workers) as pool:
         def chunks() -> Iterator[torch.Tensor]:
             for i in range(0, len(paths), chunk):
@@ -100,7 +112,7 @@ def load_image_folder(root: str | os.PathLike, size: int, cache_dir: str | os.Pa
     """Decode a class-folder tree to (classes, uint8 images (N,3,size,size), labels), via the cache."""
     root = Path(root).resolve()
     found, paths, labels = list_image_folder(root)
-    if classes is not None and found != classes:
-        raise DataError(f"{root}: class folders {found} differ from the expected {classes}")
+    if classes is not None and found != [nfc(c) for c in classes]:
+        raise DataError(f"{root}: class folders differ from the other splits' ({difference(found, classes)})")
     images = decode_cached(paths, root, size, cache_dir, workers=workers)
     return found, images, torch.tensor(labels, dtype=torch.int64)

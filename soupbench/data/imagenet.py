@@ -28,6 +28,7 @@ import torch
 from soupbench.data import DataBundle, Split
 from soupbench.data.decoded_cache import IMAGE_EXTENSIONS, decode_cached
 from soupbench.errors import ConfigError, DataError
+from soupbench.names import nfc, unique_nfc
 
 # published sizes (the model-soups / MEHL-Soup evaluation protocol)
 COUNTS = {"train": 1_281_167, "val": 50_000, "imagenetv2": 10_000, "imagenet_r": 30_000,
@@ -62,7 +63,8 @@ def _images(folder: Path) -> list[Path]:
 def _class_tree(root: Path, what: str) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise DataError(f"{what}: folder not found: {root}")
-    tree = {d.name: _images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    dirs = unique_nfc((d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), str(root))
+    tree = {name: _images(root / dirs[name]) for name in sorted(dirs)}     # NFC names, on-disk folders
     if not tree:
         raise DataError(f"{root}: no class sub-folders ({what})")
     return tree
@@ -224,7 +226,8 @@ def objectnet_mapping(folder: Path) -> dict[str, list[int]]:
     id2012_to_pytorch = {int(v): int(k) for k, v in pytorch_to_2012.items()}
     lines = (m / names[3]).read_text().splitlines()
     imagenet_label_to_pytorch = {line.strip(): id2012_to_pytorch[i] for i, line in enumerate(lines)}
-    label_to_folder = {v: k for k, v in folder_to_label.items()}
+    label_to_folder = {nfc(v): nfc(k) for k, v in folder_to_label.items()}
+    label_to_imagenet = {nfc(k): v for k, v in label_to_imagenet.items()}
     out = {}
     for label, imagenet_names in label_to_imagenet.items():
         try:

@@ -10,6 +10,7 @@ import torch
 from soupbench.data import DataBundle, Split, stratified_split
 from soupbench.data.decoded_cache import load_image_folder
 from soupbench.errors import ConfigError, DataError
+from soupbench.names import child, nfc
 
 DOMAINS = ("photo", "art_painting", "cartoon", "sketch")
 
@@ -22,7 +23,9 @@ def load(root: str, image_size: int, id_domains: list[str], ood_domains: list[st
     and test, optionally `val` (an ID split no ingredient and no soup sees, evaluated as its own column) and
     `unused` (left out: a small study at a fraction of the cost). `num_ood`: a seeded sample of at most that
     many images per OOD domain (null: all)."""
+    id_domains, ood_domains = [nfc(d) for d in id_domains], [nfc(d) for d in ood_domains]   # names as text
     if leave_out is not None:
+        leave_out = nfc(leave_out)
         if leave_out not in DOMAINS:
             raise ConfigError(f"dataset.leave_out={leave_out!r}: expected one of {DOMAINS}")
         id_domains, ood_domains = [d for d in DOMAINS if d != leave_out], [leave_out]
@@ -40,14 +43,14 @@ def load(root: str, image_size: int, id_domains: list[str], ood_domains: list[st
     classes: list[str] | None = None
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in fractions if n != "unused"}
     for i, domain in enumerate(id_domains):
-        classes, images, labels = load_image_folder(root_path / domain, image_size, cache_dir, classes)
+        classes, images, labels = load_image_folder(child(root_path, domain), image_size, cache_dir, classes)
         for name, idx in stratified_split(labels, fractions, split_seed + i).items():
             if name != "unused":
                 parts[name].append((images[idx], labels[idx]))
     splits = {n: Split(n, torch.cat([p[0] for p in v]), torch.cat([p[1] for p in v])) for n, v in parts.items()}
     ood = {}
     for domain in ood_domains:
-        _, images, labels = load_image_folder(root_path / domain, image_size, cache_dir, classes)
+        _, images, labels = load_image_folder(child(root_path, domain), image_size, cache_dir, classes)
         ood[domain] = Split(domain, images, labels)
         if num_ood is not None:
             ood[domain] = ood[domain].sample(num_ood, split_seed)

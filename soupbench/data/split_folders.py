@@ -7,7 +7,8 @@ from pathlib import Path
 
 from soupbench.data import DataBundle, Split
 from soupbench.data.decoded_cache import load_image_folder
-from soupbench.errors import DataError
+from soupbench.errors import ConfigError, DataError
+from soupbench.names import child, show_all, unique_nfc
 
 
 def load(root: str, image_size: int, train: str, heldout: str, test: str, ood: list[str],
@@ -15,9 +16,13 @@ def load(root: str, image_size: int, train: str, heldout: str, test: str, ood: l
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(f"dataset.root: folder not found: {root_path}")
+    ood = list(unique_nfc(ood, "dataset.ood"))        # split names in NFC: one column per split
+    roles = {"train": train, "heldout": heldout, "test": test}
+    if clash := [o for o in ood if o in roles]:
+        raise ConfigError(f"dataset.ood: {show_all(clash)} is also the name of an ID role")
     classes, splits = None, {}
-    for role, sub in {"train": train, "heldout": heldout, "test": test, **{o: o for o in ood}}.items():
-        classes, images, labels = load_image_folder(root_path / sub, image_size, cache_dir, classes)
+    for role, sub in {**roles, **{o: o for o in ood}}.items():
+        classes, images, labels = load_image_folder(child(root_path, sub), image_size, cache_dir, classes)
         splits[role] = Split(role, images, labels)
     return DataBundle(classes, splits["train"], splits["heldout"], splits["test"],
                       {o: splits[o] for o in ood})

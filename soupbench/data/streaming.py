@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as TF
 
+from soupbench.batches import FoldedBatches
 from soupbench.data import Split
 from soupbench.data.decoded_cache import clip_eval_transform
 from soupbench.errors import ConfigError, DataError
@@ -220,10 +221,13 @@ def epoch_loader(data: TrainImages, epoch: int, rank: int, world: int, batch_siz
                  workers: int, pin_memory: bool, skip_batches: int = 0, shuffle: bool = True) -> DataLoader:
     """One epoch of this rank's share: DistributedSampler (also for one process, so 1 and N ranks see the same
     global permutation), `batch_size` per rank. DistributedSampler pads the last round with repeated images
-    when the split does not divide by the number of ranks."""
+    when the split does not divide by the number of ranks, so every rank holds as many images; each rank's
+    share is then cut by `soupbench.batches.batch_bounds` (a remainder under half a batch folded into the
+    previous batch, never a last batch of one image), so every rank takes the same number of steps."""
     data.set_epoch(epoch)
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)
-    return DataLoader(data, batch_size=batch_size, sampler=_Skip(sampler, skip_batches * batch_size),
+    batches = FoldedBatches(_Skip(sampler, skip_batches * batch_size), batch_size)
+    return DataLoader(data, batch_sampler=batches,
                       num_workers=workers, pin_memory=pin_memory, persistent_workers=False,
                       generator=torch.Generator().manual_seed(seed + epoch))

@@ -39,6 +39,7 @@ class SoupContext:
     # a soup built before this one in the same run (soup=[...] order), by name: members and weights (CPU);
     # the pipeline records which ones a soup used and rebuilds it when they change
     earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups
+    name: str = "soup"                     # the method's name in soup=[...]: messages name its settings soup.<name>.*
     # why `base` is not the start the ingredients were fine-tuned from (None: it is, or nothing says otherwise)
     start_problem: str | None = None
     # the held-out selection score of a method's candidates, (scores (N, C), labels (N,)) -> higher is better;

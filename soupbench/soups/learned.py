@@ -42,7 +42,6 @@ mean of the block (simplex); re-estimate them on training data with `bn_recalibr
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -51,8 +50,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from soupbench import faults
+from soupbench.batches import batch_bounds
 from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
+from soupbench.guards import divergence_warning, require_finite_losses, require_finite_tensors, setting
 from soupbench.io import hash_settings, load_weights, reusable_meta, save_weights, to_device, write_json
 from soupbench.rowfile import in_memory
 from soupbench.runtime import autocast, like_model, lr_schedule
@@ -327,6 +329,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     state = ranks.from_first(_resume(ctx, key, len(names)) if ranks.main else None)
     soup, raw, losses, start = state["soup"], state["raw"], state["losses"], state["next_block"]
     eff_models, eff_base = state["effective"], state["effective_base"]
+    warnings: list[str] = []
     bar = tqdm(total=len(blocks), initial=start, desc=f"learned soup ({parameterisation}, b={b})",
                disable=not (ctx.progress and ranks.main), leave=False)
     for bi in range(start, len(blocks)):
@@ -347,14 +350,15 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
         scale = torch.ones((), device=dev, requires_grad=True) if logit_scale == "learned" else None
         opt = torch.optim.AdamW([param] + ([scale] if scale is not None else []), lr=lr, weight_decay=weight_decay)
-        steps_per_epoch = math.ceil(len(fit_idx) / batch_size)
+        cuts = batch_bounds(len(fit_idx), batch_size)   # a remainder under half a batch joins the previous batch
+        steps_per_epoch = len(cuts)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(schedule, epochs * steps_per_epoch, warmup_frac))
         gen = torch.Generator().manual_seed(seed * 100_003 + bi)
         block_losses, val_losses, best = [], [], None
         for epoch in range(epochs):
             perm = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(heldout_x.device)]
-            for i in range(0, len(perm), batch_size):
-                idx = perm[i:i + batch_size]
+            for i, stop in cuts:
+                idx = perm[i:stop]
                 shard = idx[ranks.share(len(idx))]       # this rank's images of the batch (all of them alone)
                 x, y = heldout_x[shard].to(dev, non_blocking=True), heldout_y[shard].to(dev, non_blocking=True)
                 loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
@@ -369,6 +373,9 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                 val_losses.append(v)
                 if best is None or v < best[0]:
                     best = (v, epoch, param.detach().clone(), None if scale is None else scale.detach().clone())
+        block_warning = _check_block(ctx, block_losses, val_losses, param, scale, lr, bi, len(blocks))
+        if block_warning:
+            warnings.append(block_warning)
         if best is not None:                         # the epoch with the lowest loss on the internal split
             with torch.no_grad():
                 param.copy_(best[2])
@@ -378,6 +385,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
             w = coefficient_weights(param, parameterisation, group_of, temperature)
             soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w[mine], names,
                                                                  ranks)}.items()}
+        require_finite_tensors(soup, f"block {bi + 1}'s soup tensor", setting(f"soup.{ctx.name}.lr", lr))
         eff_models, eff_base = _fold_effective(eff_models, eff_base, block, w.detach().cpu().double(),
                                                None if norms is None else norms.cpu().double(), parameterisation,
                                                bi == 0, centre)
@@ -388,6 +396,7 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         del directions, centre_state
         if ranks.main:                              # one writer; every rank holds the same soup
             _save_progress(ctx, key, soup, raw, losses, bi + 1, settings, eff_models, eff_base)
+            faults.point(f"soup.{ctx.name}.block")
         bar.update()
     bar.close()
     ordered = {k: soup[k] for k in ctx.base}      # the base's key order and every key, buffers included
@@ -396,7 +405,25 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         "coefficients": eff_models.tolist(), "start_weight": eff_base.tolist(),
         "coefficient_min": eff_models.min().item(), "coefficient_max": eff_models.max().item(),
         "blocks": raw, "heldout_loss_per_block": [{"first": ls[0], "last": ls[-1]} for ls in losses if ls],
-        "num_blocks": len(blocks), "ranks": ranks.size})
+        "num_blocks": len(blocks), "ranks": ranks.size, **({"warnings": warnings} if warnings else {})})
+
+
+def _check_block(ctx: SoupContext, block_losses: list[torch.Tensor], val_losses: list[float], param: torch.Tensor,
+                 scale: torch.Tensor | None, lr: float, bi: int, num_blocks: int) -> str | None:
+    """After a block's inner epochs, before anything of it is saved (soupbench.guards): a non-finite held-out
+    loss, validation loss or coefficient stops the soup with one line naming soup.<name>.lr; a loss that ended
+    more than DIVERGENCE_FACTOR times above its first step is returned as a warning. One read of the losses."""
+    where = f"block {bi + 1} of {num_blocks}"
+    knob = setting(f"soup.{ctx.name}.lr", lr)
+    losses = torch.stack(block_losses).detach().cpu() if block_losses else torch.empty(0)
+    require_finite_losses(losses, "held-out loss", where, knob)
+    require_finite_losses(val_losses, "validation loss (val_fraction)", where, knob)
+    require_finite_tensors({"coefficients": param.detach(), **({"logit scale": scale.detach()} if scale is not None
+                                                                else {})}, "learned", knob)
+    if len(losses) >= 2:
+        return divergence_warning(float(losses[0]), float(losses[-1]), "held-out loss", f"soup {ctx.name}, {where}",
+                                  knob)
+    return None
 
 
 def _fold_effective(eff: torch.Tensor, eff_base: torch.Tensor, block: list[int], w: torch.Tensor,

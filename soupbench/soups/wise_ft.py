@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
+from soupbench.guards import require_finite_losses, require_finite_tensors, setting
 from soupbench.ingredients import sort_by_heldout
 from soupbench.soups.averaging import is_averaged
 from soupbench.soups.context import SoupContext, SoupResult
@@ -61,6 +62,10 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
     else:
         earlier = ctx.earlier_soup(target)
         members, theta = earlier.members, earlier.state
+    # a target or start that is not finite makes every point of the grid NaN (its accuracy is still a number)
+    require_finite_tensors(theta, f"the target's ({target}) tensor", setting("soup.wise_ft.target", target),
+                           "nothing saved; rebuild or change the target soup")
+    require_finite_tensors(base, "the start's tensor", "soup.wise_ft", "nothing saved; the linear probe is broken")
     scores = []
     grid = alphas if alpha is None else [float(alpha)]          # a fixed α: one held-out pass, for the record
     for a in tqdm(grid, desc="wise-ft alphas", disable=not ctx.progress, leave=False):
@@ -69,6 +74,8 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
         else:
             acc = ctx.heldout_accuracy(interpolate(base, theta, a))
         scores.append({"alpha": a, "heldout_acc": acc})
+    require_finite_losses([s["heldout_acc"] for s in scores], "held-out accuracy", "the alpha grid",
+                          setting("soup.wise_ft.alphas", alphas), "nothing saved")
     chosen = max(scores, key=lambda s: (s["heldout_acc"], -s["alpha"]))
     return SoupResult(members, interpolate(base, theta, chosen["alpha"]),
                       {"target": target, "alpha": chosen["alpha"], "heldout_acc": chosen["heldout_acc"],
