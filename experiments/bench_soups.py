@@ -38,7 +38,7 @@ from soupbench.backbones import Classifier  # noqa: E402
 from soupbench.data import Split  # noqa: E402
 from soupbench.evaluate import accuracy, predict  # noqa: E402
 from soupbench.ingredients import Ingredient  # noqa: E402
-from soupbench.io import load_weights, save_weights, write_json  # noqa: E402
+from soupbench.io import fingerprint, load_weights, save_weights, write_json  # noqa: E402
 from soupbench.runtime import autocast  # noqa: E402
 from soupbench.soups import greedy, learned  # noqa: E402
 from soupbench.soups.context import SoupContext  # noqa: E402
@@ -128,7 +128,8 @@ def prepare(args, model: Classifier) -> tuple[list[Ingredient], list[Path], Spli
             g = torch.Generator().manual_seed(i)
             save_weights(path, {n: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
                                 for n, v in base.items()})
-        ings.append(Ingredient(f"g{i:03d}", path, {"fingerprint": f"{tag}-{i}", "heldout_acc": 0.0}))
+        ings.append(Ingredient(f"g{i:03d}", path, {"fingerprint": fingerprint(load_weights(path)),
+                                                   "heldout_acc": 0.0}))
     for i in range(min(args.k, args.ref_tries + 1)):
         pt = root / f"ingredient{i:03d}.pt"
         if not pt.is_file():

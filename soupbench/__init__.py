@@ -25,12 +25,10 @@ resolvers.register()
 
 def __getattr__(name: str):
     """The Python API without importing torch at `import soupbench`: soupbench.soup, Soup, export_soup."""
+    import importlib  # not an import statement: the package imports none of its modules eagerly
+
     if name in ("soup", "Soup"):
-        from soupbench import api
-
-        return getattr(api, name)
+        return getattr(importlib.import_module("soupbench.api"), name)
     if name == "export_soup":
-        from soupbench.export import export_soup
-
-        return export_soup
+        return importlib.import_module("soupbench.export").export_soup
     raise AttributeError(f"module 'soupbench' has no attribute {name!r}")

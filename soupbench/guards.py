@@ -43,10 +43,10 @@ def first_bad(values: torch.Tensor | Sequence[float]) -> int | None:
     t = torch.as_tensor(values).detach().reshape(-1)
     if t.numel() == 0:
         return None
-    bad = ~torch.isfinite(t)
-    if not bool(bad.any()):
+    ok = torch.isfinite(t)
+    if bool(ok.all()):                        # the flag reads True when all is well, as io.require_finite's
         return None
-    return int(bad.nonzero()[0, 0])
+    return int((~ok).float().argmax())        # the first bad one (argmax: no data-dependent shape)
 
 
 def kind_of(value: float) -> str:
@@ -65,10 +65,15 @@ def require_finite_losses(losses: torch.Tensor | Sequence[float], what: str, whe
 
 def require_finite_tensors(tensors: Mapping[str, torch.Tensor], what: str, settings: str,
                            advice: str = "lower the learning rate") -> None:
-    """DivergedError naming the first tensor (weights, coefficients) that holds NaN or Inf."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise DivergedError(f"{settings}: {what} '{name}' holds NaN or Inf values; nothing saved: {advice}")
+    """DivergedError naming the first tensor (weights, coefficients) that holds NaN or Inf. One flag per
+    tensor, reduced on the tensors' device and read once (not one device synchronisation per tensor)."""
+    floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    ok = torch.stack([torch.isfinite(t).all() for _, t in floats])
+    if not bool(ok.all()):
+        i = int((~ok).float().argmax())
+        raise DivergedError(f"{settings}: {what} '{floats[i][0]}' holds NaN or Inf values; nothing saved: {advice}")
 
 
 def divergence_warning(first: float, last: float, what: str, where: str, settings: str) -> str | None:

@@ -111,17 +111,18 @@ def load_verified(path: str | os.PathLike, expected_fp: str | None, device: str 
     truncated, zero-filled or altered in place raises CheckpointError naming it instead of being used. The
     hash is checked once per process per (file, size, mtime) (a greedy or learned soup loads an ingredient
     many times)."""
-    tensors = load_weights(path, device)
     if expected_fp is None:
-        return tensors
+        return load_weights(path, device)
     st = Path(path).stat()
     key = (str(path), st.st_size, st.st_mtime_ns, expected_fp)
-    if key not in _VERIFIED:
-        if (fp := fingerprint(tensors)) != expected_fp:
-            raise CheckpointError(f"{path}: its contents (fingerprint {fp}) are not what its JSON recorded "
-                                  f"({expected_fp}): the file was damaged or replaced; delete it to recompute")
-        _VERIFIED.add(key)
-    return tensors
+    if key in _VERIFIED:
+        return load_weights(path, device)
+    tensors = load_weights(path, "cpu")         # hashed on the host, before any copy to a device
+    if (fp := fingerprint(tensors)) != expected_fp:
+        raise CheckpointError(f"{path}: its contents (fingerprint {fp}) are not what its JSON recorded "
+                              f"({expected_fp}): the file was damaged or replaced; delete it to recompute")
+    _VERIFIED.add(key)
+    return to_device(tensors, device)
 
 
 def to_device(tensors: Mapping[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -24,7 +24,8 @@ cannot do, each patch for one reason:
   itself asks it (True makes it initialise a real CUDA context); soupbench's stages branch on `device.type`.
 - `soupbench.io.load_file` (safetensors) and the row reads of `soupbench.rowfile.MappedRows` (mapped image
   and score files) run outside the mode: they fill real host tensors from a file, which fake tensors cannot
-  hold; what follows (pinning, the copy to the device) runs inside.
+  hold; what follows (pinning, the copy to the device) runs inside. So does the content hash a load checks
+  against its recorded fingerprint (`soupbench.io.fingerprint`, of the real host tensors, before the copy).
 - `ThreadPoolExecutor` in `soupbench.soups.averaging` and `soupbench.evaluate` runs each task at `submit`:
   dispatch modes are per thread, so work handed to a loader thread would escape the mode and try a real GPU.
 
@@ -182,6 +183,13 @@ def fake_cuda(monkeypatch, reads_as: Any = ReadBack) -> Iterator[FakeCuda]:
             return read_file(*args, **kwargs)
 
     monkeypatch.setattr(soupbench.io, "load_file", load_file)
+    hash_of = soupbench.io.fingerprint
+
+    def fingerprint(tensors: Any) -> str:
+        with unset_fake_temporarily():
+            return hash_of(tensors)
+
+    monkeypatch.setattr(soupbench.io, "fingerprint", fingerprint)
     from soupbench.rowfile import MappedRows
 
     getitem = MappedRows.__getitem__
