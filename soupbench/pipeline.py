@@ -216,8 +216,8 @@ class Run:
 
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
-        if self.cfg.ingredients.from_files is not None:
-            self.import_stage(tracker)
+        if self.cfg.ingredients.from_files is not None:     # rank 0 imports (writes); the others wait for it
+            self.world.on_first(lambda: self.import_stage(tracker))
             return
         if ft.probe_as_ingredient and self.world.main:
             self.save_probe_ingredient()
