@@ -135,7 +135,8 @@ def resolve_ranks(mode: str) -> World:
 def _export_submitit_env() -> None:
     """Inside a SLURM job that submitit started with several tasks, set torchrun's variables from submitit's
     job environment (one task per GPU, over any number of nodes)."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    tasks = max(int(os.environ.get(v, "1") or 1) for v in ("SLURM_NTASKS", "SUBMITIT_LOCAL_NTASKS"))
+    if "WORLD_SIZE" in os.environ or tasks <= 1:          # SUBMITIT_LOCAL_NTASKS: submitit's local executor
         return
     try:
         from submitit import JobEnvironment

@@ -1,6 +1,7 @@
 """The whole `soupbench` run under torchrun (two gloo ranks on the CPU): every rank runs every stage, learned
-soups split over the ranks, and the results equal one process's; a rank's error ends every rank with its
-message; a job killed in the soup stage resumes to the uninterrupted results."""
+soups split over the ranks, and the results equal one process's (also as two tasks of submitit's local
+executor); a rank's error ends every rank with its message; a job killed in the soup stage resumes to the
+uninterrupted results."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 from tests.test_distributed import descendants
 
-pytestmark = pytest.mark.slow        # ~3.5 min on 2 cores: five torchrun jobs and one single-process run
+pytestmark = pytest.mark.slow        # ~4.5 min on 2 cores: five torchrun jobs, a submitit job, one process
 
 SOUPS = "soup=[best_individual,uniform,greedy,learned_plus,ensemble]"
 ARGS = ["experiment=tiny", "logger=none", SOUPS, "progress=false", "num_threads=1"]
@@ -130,3 +131,23 @@ def test_a_job_killed_in_the_soup_stage_resumes_to_the_uninterrupted_results(run
     out = finish(start(tmp_path, 2, "stages=[soup,evaluate,report]"))
     assert "soup greedy: reusing" in out
     assert_same_results(one, tmp_path)
+
+
+def test_submitits_local_executor_with_two_tasks_gives_the_one_process_results(runs, tmp_path, monkeypatch):
+    """The same run as two tasks of submitit's local executor: each task joins the group from submitit's job
+    environment (SUBMITIT_LOCAL_NTASKS), as a multi-task SLURM job does."""
+    submitit = pytest.importorskip("submitit")
+    from submitit.helpers import CommandFunction
+
+    one, _, _, _ = runs
+    for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(k, "1")                      # the tasks inherit this environment
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(tasks_per_node=2, nodes=1, timeout_min=10)
+    out = tmp_path / "out"
+    cmd = command(out, 1)
+    job = executor.submit(CommandFunction(cmd, cwd=str(Path(__file__).resolve().parents[1])))
+    job.results()
+    results = json.loads((out / "tiny" / "results.json").read_text())
+    assert results["runtime"]["world_size"] == 2
+    assert_same_results(one, out)
