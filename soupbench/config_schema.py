@@ -53,6 +53,8 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("depthwise_grad", str, ("auto", "taps", "native")),
     Rule("progress", bool),
     Rule("stages", str, ("finetune", "soup", "evaluate", "report"), form="list"),
+    Rule("distributed.timeout_s", float, ">0"),
+    Rule("distributed.wait_s", float, ">0"),
     Rule("ingredients.select", str, ("config", "all")),
     Rule("ingredients.limit", int, ">=1", null=True),
     Rule("ingredients.exclude_top", int, ">=0"),

@@ -2,8 +2,12 @@
 
 Fine-tuning one ingredient on several devices: the group comes from the environment that `torchrun` sets
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), or from a SLURM job that submitit started with one task per
-GPU. NCCL on GPUs, gloo on CPUs. Rank 0 writes every artefact and logs to W&B; the other ranks train and then
-leave the soup, evaluate and report stages to it.
+GPU. NCCL on GPUs, gloo on CPUs. Every rank takes part in every stage; rank 0 alone writes artefacts and logs to
+W&B. Work that rank 0 does alone (a soup other than the learned ones, the evaluate and report stages) runs in
+`World.on_first`: the other ranks wait for its value, or for its error, which they raise naming rank 0.
+
+Collectives time out after `distributed.timeout_s` (a rank that stops answering ends the others); the waits
+for rank 0's own work run on a gloo group of their own with `distributed.wait_s`, as long as that work may take.
 
 Learned soups across ranks ask four things of a `World`: which of a block's models this rank holds (`share`),
 an in-place sum over the ranks (`sum_`), the full block's rows of a tiny per-model tensor from every rank's own
@@ -15,17 +19,23 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from soupbench.errors import ConfigError
+from soupbench.errors import ConfigError, SoupbenchError
 
 log = logging.getLogger("soupbench")
 MODES = ("auto", "off")
+_WAIT_GROUP: Any = None     # gloo group for waiting on rank 0's own work (init); None: the default group
+
+
+class RankFailed(SoupbenchError):
+    """Another rank of this job failed; the message names it and carries its error."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,28 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_first(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` on rank 0 alone; its value (pickled) on every rank. Rank 0's exception is raised there as it
+        is and on the other ranks as RankFailed("rank 0: <type>: <message>"), so no rank waits for a value that
+        will not come. The others wait on the wait group (`distributed.wait_s`), not the collectives' timeout."""
+        if not self.distributed:
+            return fn()
+        error: BaseException | None = None
+        box: list[Any] = [None]
+        if self.main:
+            try:
+                box = [("ok", fn())]
+            except BaseException as e:       # noqa: BLE001 - sent to the other ranks, then raised here
+                error = e
+                box = [("error", f"rank 0: {type(e).__name__}: {e}")]
+        dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)
+        if error is not None:
+            raise error
+        status, value = box[0]
+        if status == "error":
+            raise RankFailed(value)
+        return value
+
     def broadcast_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Rank 0's values into every rank's tensors, in place."""
         if not self.distributed:
@@ -103,7 +135,8 @@ def resolve_ranks(mode: str) -> World:
 def _export_submitit_env() -> None:
     """Inside a SLURM job that submitit started with several tasks, set torchrun's variables from submitit's
     job environment (one task per GPU, over any number of nodes)."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    tasks = max(int(os.environ.get(v, "1") or 1) for v in ("SLURM_NTASKS", "SUBMITIT_LOCAL_NTASKS"))
+    if "WORLD_SIZE" in os.environ or tasks <= 1:          # SUBMITIT_LOCAL_NTASKS: submitit's local executor
         return
     try:
         from submitit import JobEnvironment
@@ -115,8 +148,10 @@ def _export_submitit_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def init(device: torch.device) -> World:
-    """Join the process group that the launcher describes, once per process; a single process is World()."""
+def init(device: torch.device, timeout_s: float = 1800.0, wait_s: float = 86400.0) -> World:
+    """Join the process group that the launcher describes, once per process; a single process is World().
+    `timeout_s` bounds every collective (NCCL or gloo); `wait_s` bounds a rank's wait for rank 0's own work."""
+    global _WAIT_GROUP
     _export_submitit_env()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
@@ -126,8 +161,10 @@ def init(device: torch.device) -> World:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(local_device(device, local))
-        dist.init_process_group(backend)
-        log.info("torch.distributed: rank %d of %d (%s)", rank, size, backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
+        log.info("torch.distributed: rank %d of %d (%s, collectives time out after %gs)", rank, size, backend,
+                 timeout_s)
     return World(rank, size, local)
 
 
@@ -141,3 +178,19 @@ def local_device(device: torch.device, local_rank: int) -> torch.device:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def where() -> str:
+    """"rank R of N" inside a job of several processes (torchrun's variables; init exports submitit's), else ""."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"rank {os.environ.get('RANK', '0')} of {size}" if size > 1 else ""
+
+
+def inject_fault(stage: str) -> None:
+    """Test hook: SOUPBENCH_RANK_FAULT=<rank>:<stage> raises on that rank as the stage starts (failure tests)."""
+    spec = os.environ.get("SOUPBENCH_RANK_FAULT")
+    if not spec:
+        return
+    rank, _, at = spec.partition(":")
+    if at == stage and rank == os.environ.get("RANK", "0"):
+        raise RuntimeError(f"injected fault (SOUPBENCH_RANK_FAULT={spec}) on rank {rank} in the {stage} stage")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -63,8 +64,10 @@ def report_errors(fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
     except SoupbenchError as e:
-        logging.getLogger("soupbench").error("%s", e)
-        print(f"soupbench: error: {e}", file=sys.stderr, flush=True)
+        size = int(os.environ.get("WORLD_SIZE", "1") or 1)       # one of several ranks: say which
+        rank = f"rank {os.environ.get('RANK', '0')} of {size}: " if size > 1 else ""
+        logging.getLogger("soupbench").error("%s%s", rank, e)
+        print(f"soupbench: error: {rank}{e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:

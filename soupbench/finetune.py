@@ -3,6 +3,7 @@ from that shared start with each hyperparameter configuration (the ingredients).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -279,6 +280,9 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
             _save_checkpoint(checkpoint, model, opt, sched, step, total, tail_sum, tail_n, world, first_loss)
             faults.point("finetune.checkpoint")
     bar.close()
+    if net is not model:      # DDP's reducer hooks the parameters' gradients until it is freed: free it now, so
+        del net               # that a later backward on this model (a learned soup) runs no all-reduce of its own
+        gc.collect()
     model.eval()
     final = float(tail_sum) / max(1, tail_n)
     out: dict[str, Any] = {"final_train_loss": final, "steps": total}

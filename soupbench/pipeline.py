@@ -76,7 +76,8 @@ class Run:
         if cfg.num_threads:
             torch.set_num_threads(int(cfg.num_threads))
         self.cfg = cfg
-        self.world = distributed.init(resolve_device(cfg.device))      # torchrun / SLURM: one rank per device
+        self.world = distributed.init(resolve_device(cfg.device), float(cfg.distributed.timeout_s),
+                                      float(cfg.distributed.wait_s))     # torchrun / SLURM: one rank per device
         self.device = distributed.local_device(resolve_device(cfg.device), self.world.local_rank)
         self.layout = RunLayout(Path(cfg.paths.run_dir))
         self.ingredient_dir = Path(cfg.ingredients.dir)
@@ -179,7 +180,8 @@ class Run:
         path, meta_path = self.layout.lp_weights, self.layout.lp_meta
         if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None \
                 and (base := self.verified(path, stored.get("fingerprint"), "linear probe")) is not None:
-            self.base = base
+            # in the model's key order, as a probe just fitted: the ranks of a job walk the keys in one order
+            self.base = {k: base[k] for k in self.model.state_dict()}
             self.model.load_state_dict(self.base)
             self.base_fp = stored["fingerprint"]
             self.warnings += stored.get("warnings", [])
@@ -253,8 +255,8 @@ class Run:
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
         faults.set_stage("finetune")
-        if self.cfg.ingredients.from_files is not None:
-            self.import_stage(tracker)
+        if self.cfg.ingredients.from_files is not None:     # rank 0 imports (writes); the others wait for it
+            self.world.on_first(lambda: self.import_stage(tracker))
             return
         if ft.probe_as_ingredient and self.world.main:
             self.save_probe_ingredient()
@@ -425,52 +427,70 @@ class Run:
             key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ingredients],
                                  "base": self.base_fp, "data": self.data_key, "bn_recalibration": bn})
             meta_path = self.layout.soup_meta(name)
-            if (old := reusable_meta(meta_path, "settings_hash", key)) is not None and all(
+            old = self.world.on_first(lambda meta_path=meta_path, key=key: reusable_meta(
+                meta_path, "settings_hash", key))           # one answer for every rank (rank 0 read the file)
+            if old is not None and all(
                     built.get(n, {}).get("fingerprint") == fp for n, fp in old.get("depends_on", {}).items()) and (
-                    old["kind"] != "weights" or self.verified(self.layout.soup_weights(name), old.get("fingerprint"),
-                                                             f"soup {name}") is not None):
+                    old["kind"] != "weights" or self.world.on_first(lambda name=name, old=old: self.verified(
+                        self.layout.soup_weights(name), old.get("fingerprint"), f"soup {name}") is not None)):
                 log.info("soup %s: reusing %s", name, meta_path)
                 built[name] = old
                 self.export(name, old)
                 continue
             faults.set_stage(f"soup {name}")
             faults.point(f"soup.{name}.start")
-            make_soup = build(scfg)
-            used: dict[str, str] = {}
-            ctx = SoupContext(
-                ingredients=ingredients, base=self.base, start_problem=self.start_problem, heldout=self.data.heldout,
-                model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
-                heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
-                ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
-                precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
-                earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used),
-                name=name)
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            t0 = time.perf_counter()
-            result: SoupResult = make_soup(ctx)
-            if bn["enabled"] and result.state is not None and has_batchnorm(self.model):
-                sample = self.data.train.sample(bn["num_images"], bn["seed"])
-                images = decoded(sample, self.cfg.dataset.image_size).images
-                result.state = recalibrate_batchnorm(self.model, result.state, images, bn["batch_size"], self.device)
-                result.info["bn_recalibrated_on"] = len(images)
-            elapsed = time.perf_counter() - t0
-            meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
-                    "members": result.members, "depends_on": used,
-                    "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
-            if result.state is not None:                # a soup that is not finite is never saved
-                require_finite_tensors(result.state, "soup tensor", f"soup.{name}",
-                                       f"nothing of soup {name} was saved; change soup.{name}.* (e.g. a lower lr)")
-                meta["fingerprint"] = fingerprint(result.state)
-                save_weights(self.layout.soup_weights(name), result.state,
-                             {"method": name, "members": ",".join(result.members)})
-                faults.point(f"soup.{name}.weights_saved")
-            write_json(meta_path, meta)
-            faults.point(f"soup.{name}.saved")
-            built[name] = meta
-            self.export(name, meta, result.state)
-            shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
-            log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
+            if self.world.distributed and scfg.get("distributed") == "auto":
+                # learned soups: every rank holds its share of each block (soupbench.soups.learned); rank 0
+                # writes, the others wait for what it wrote
+                meta = self.make_soup(name, scfg, settings, key, ingredients, built, bn)
+                built[name] = self.world.on_first(lambda meta=meta: meta)
+            else:                                   # one process's work: rank 0 builds it, the others wait
+                built[name] = self.world.on_first(lambda name=name, scfg=scfg, settings=settings, key=key: (
+                    self.make_soup(name, scfg, settings, key, ingredients, built, bn)))
+
+    def make_soup(self, name: str, scfg: DictConfig, settings: dict, key: str, ingredients: list[Ingredient],
+                  built: dict[str, dict], bn: dict) -> dict:
+        """Build soup `name`; rank 0 saves it (weights, meta, exports). Returns its meta."""
+        meta_path = self.layout.soup_meta(name)
+        make_soup = build(scfg)
+        used: dict[str, str] = {}
+        ctx = SoupContext(
+            ingredients=ingredients, base=self.base, start_problem=self.start_problem, heldout=self.data.heldout,
+            model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
+            heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
+            ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
+            precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
+            earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used),
+            name=name)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        result: SoupResult = make_soup(ctx)
+        if bn["enabled"] and result.state is not None and has_batchnorm(self.model):
+            sample = self.data.train.sample(bn["num_images"], bn["seed"])
+            images = decoded(sample, self.cfg.dataset.image_size).images
+            result.state = recalibrate_batchnorm(self.model, result.state, images, bn["batch_size"], self.device)
+            result.info["bn_recalibrated_on"] = len(images)
+        elapsed = time.perf_counter() - t0
+        meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
+                "members": result.members, "depends_on": used,
+                "soup_time_s": elapsed, **peak_memory(self.device), "info": result.info}
+        if result.state is not None:                # a soup that is not finite is never saved
+            require_finite_tensors(result.state, "soup tensor", f"soup.{name}",
+                                   f"nothing of soup {name} was saved; change soup.{name}.* (e.g. a lower lr)")
+            meta["fingerprint"] = fingerprint(result.state)
+        if not self.world.main:
+            return meta
+        if result.state is not None:
+            save_weights(self.layout.soup_weights(name), result.state,
+                         {"method": name, "members": ",".join(result.members)})
+            faults.point(f"soup.{name}.weights_saved")
+        write_json(meta_path, meta)
+        faults.point(f"soup.{name}.saved")
+        self.export(name, meta, result.state)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
+        log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
+        return meta
 
     def export(self, name: str, meta: dict, state: dict[str, torch.Tensor] | None = None) -> None:
         """The weight soup `name` in its ingredients' library format too (export.formats, soupbench.export)."""
@@ -653,35 +673,49 @@ def run(cfg: DictConfig) -> dict | None:
     if one_job and stages != list(cfg.stages):
         log.info("finetune.index=%s: this job trains one ingredient; soups are built once the sweep is done",
                  cfg.finetune.index)
-    if not run_.world.main:           # other ranks of a torch.distributed job: fine-tune only, log nothing
-        stages = [s for s in stages if s == "finetune"]
+    world = run_.world                # torchrun / SLURM: every rank runs every stage; rank 0 alone writes and logs
     tracker = (tracking.start(cfg, f"{cfg.run_name}-ft{cfg.finetune.index:03d}" if one_job else cfg.run_name,
                               "finetune" if one_job else "soup") if run_.world.main else tracking.Tracker())
     try:
         run_.prepare_base()
         if "finetune" in stages:
+            distributed.inject_fault("finetune")
             run_.finetune_stage(tracker)
         results = None
         needs_soup = any(s in stages for s in ("soup", "evaluate", "report"))
         # two processes on one run directory take turns from here (the soups, results.json and correct.safetensors
         # are one per run directory): the second waits, then reuses what the first built or rebuilds for its
-        # own settings
-        with file_lock(run_.layout.root / ".run.lock") if needs_soup else contextlib.nullcontext():
-            ingredients = run_.selected_ingredients() if needs_soup else []
+        # own settings; the ranks of one job share the lock's holder (rank 0 takes it, the others follow it)
+        lock = file_lock(run_.layout.root / ".run.lock") if needs_soup and world.main else contextlib.nullcontext()
+        with lock:
+            if needs_soup:  # rank 0 ranks them (scoring any held-out not yet stored); every rank gets its list
+                ingredients, run_.start_problem = world.on_first(lambda: (run_.selected_ingredients(),
+                                                                          run_.start_problem))
+            else:
+                ingredients = []
             if "soup" in stages:
+                distributed.inject_fault("soup")
                 run_.soup_stage(ingredients)
             if "evaluate" in stages:
-                results = run_.evaluate_stage(ingredients)
+                distributed.inject_fault("evaluate")
+                results = world.on_first(lambda: run_.evaluate_stage(ingredients))
             if "report" in stages:
+                distributed.inject_fault("report")
                 faults.set_stage("report")
                 faults.point("report.start")
-                results = results or read_json(run_.layout.results())
-                report.report(results, run_.layout, tracker)
+
+                def write_report() -> dict:
+                    out = results or read_json(run_.layout.results())
+                    report.report(out, run_.layout, tracker)
+                    return out
+                results = world.on_first(write_report)
                 faults.point("report.done")
         faults.set_stage("W&B finish")
         faults.point("tracker.finish")
         tracker.finish(0)
         return results
-    except BaseException:
+    except BaseException as e:
+        if world.distributed and not isinstance(e, (SoupbenchError, KeyboardInterrupt)):
+            log.error("%s: %s: %s", distributed.where() or f"rank {world.rank}", type(e).__name__, e)
         tracker.finish(1)
         raise

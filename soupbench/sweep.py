@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from soupbench.run_layout import RunLayout
 
 log = logging.getLogger("soupbench")
 FAILED_MARKER = "FAILED.json"
+_STARTED = time.time()       # a marker older than this process is an earlier attempt's
 
 
 def sweeps_ingredients(config: DictConfig) -> bool:
@@ -129,5 +131,11 @@ def soup_job(launcher: DictConfig, cfg: DictConfig):
 def mark_failed(job_dir: str | Path, error: BaseException) -> None:
     """A marker in a failed job's directory. submitit can report a failed job as completed; this file (and
     the soup stage's list of missing ingredients) says which one failed and why."""
-    write_json(Path(job_dir) / FAILED_MARKER, {"error": f"{type(error).__name__}: {error}",
-                                               "traceback": traceback.format_exception(error)})
+    from soupbench.distributed import RankFailed, where
+
+    rank = where()
+    marker = Path(job_dir) / FAILED_MARKER
+    if rank and (isinstance(error, RankFailed) or (marker.is_file() and marker.stat().st_mtime >= _STARTED)):
+        return         # a job of several ranks: the marker names the rank that failed first, not those it ended
+    write_json(marker, {"error": f"{rank + ': ' if rank else ''}{type(error).__name__}: {error}",
+                        "rank": rank or None, "traceback": traceback.format_exception(error)})

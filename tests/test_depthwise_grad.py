@@ -141,3 +141,18 @@ def test_a_lite0_training_step_has_the_library_gradients():
     ref = torch.autograd.grad(F.cross_entropy(native(x), y), list(native.parameters()))
     for (name, _), a, b in zip(native.named_parameters(), got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item() + 1e-9, msg=name)
+
+
+def test_channels_last_weight_gradients_keep_the_weights_strides():
+    """DDP compares a gradient's strides with its bucket view's (the weight's) literally: a depthwise kernel
+    (C, 1, 3, 3) in channels_last has stride 1 on its size-1 dimension, the computed gradient 9. The gradient
+    comes back under the weight's strides (the same memory), with the same values."""
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    conv(x).square().sum().backward()
+    expected = conv.weight.grad.clone()
+    conv.weight.grad = None
+    set_depthwise_grad(conv, "taps", torch.device("cpu"))
+    conv(x).square().sum().backward()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    torch.testing.assert_close(conv.weight.grad, expected, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,9 @@ DEPTHWISE_GRADS = ("auto", "taps", "native")
 MAX_MAP = 16                  # output positions (4x4) up to which the weight gradient is taken here
 
 
+MATCH_STRIDES = True       # ∂L/∂w under the weight's strides (False: as computed; experiments/bench_ddp_strides.py)
+
+
 class _DepthwiseConv2d(torch.autograd.Function):
     """F.conv2d with groups = channels; backward: ∂L/∂x from the library, ∂L/∂w by `_weight_grad`."""
 
@@ -47,6 +50,12 @@ class _DepthwiseConv2d(torch.autograd.Function):
                 g, x, weight, None, stride, padding, dilation, False, [0, 0], x.shape[1], [True, False, False])[0]
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(x, g, weight.shape[-2:], stride, padding, dilation).to(weight.dtype)
+            if MATCH_STRIDES and grad_w.stride() != weight.stride() and grad_w.is_contiguous() \
+                    and weight.is_contiguous():
+                # (C, 1, kh, kw) is contiguous in both layouts and only the stride of the size-1 dimension
+                # differs (9 vs 1 for 3x3); DDP compares strides literally, warns on every step and copies each
+                # bucket: the same memory under the weight's own strides, no copy
+                grad_w = grad_w.as_strided(weight.shape, weight.stride())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
