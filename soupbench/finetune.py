@@ -229,7 +229,8 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     if checkpoint is not None and checkpoint.is_file():
         step, tail_sum, tail_n, first_loss_resumed = _resume(checkpoint, model, opt, sched, device, total)
         log.info("%s: resuming from step %d of %d (%s)", desc, step, total, checkpoint.name)
-    tail_from = total - max(1, steps_per_epoch // 4)
+    window = max(1, steps_per_epoch // 4)       # steps whose mean loss is the run's first / last loss
+    tail_from = total - window
     bar = progress_bar(None, desc, progress and world.main, total=total, initial=step)
     loss_sum, last_logged = torch.zeros((), device=device), step
     # the step whose loss first stopped being finite (0: none) and the first step's loss, kept on the device and
@@ -260,8 +261,8 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
             step += 1
             faults.point("finetune.step")
             loss_sum += loss.detach()
-            if step == 1:
-                first_loss = loss.detach().float().clone()
+            if step <= window:                  # the sum over the first window (its mean is compared with the tail's)
+                first_loss = first_loss + loss.detach().float()
             bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss.detach()), step, bad_step)
             if step > tail_from:
                 tail_sum += loss.detach()
@@ -286,9 +287,16 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
     model.eval()
     final = float(tail_sum) / max(1, tail_n)
     out: dict[str, Any] = {"final_train_loss": final, "steps": total}
-    if (warning := divergence_warning(float(first_loss), final, "training loss", desc, _lr_setting(hp))):
+    # the first and last windows' mean losses on this rank's images; with fewer than MIN_WINDOW_IMAGES images in
+    # a window one batch's noise reads as divergence (tiny: 0.25 -> 0.89 over 16 images), so none is claimed
+    first = float(first_loss) / min(window, total)
+    if window * local_batch >= MIN_WINDOW_IMAGES and \
+            (warning := divergence_warning(first, final, "training loss", desc, _lr_setting(hp))):
         out["warnings"] = [warning]
     return out
+
+
+MIN_WINDOW_IMAGES = 128     # images a loss window needs before a rise counts as divergence (a warning, not a stop)
 
 
 def _lr_setting(hp: Mapping[str, Any]) -> str:
