@@ -260,7 +260,7 @@ def match_state(raw: Mapping[str, torch.Tensor], template: Mapping[str, torch.Te
                          and not (source is not None and source.ignored(name)) and not _is_head_alias(name, source)]
                 found.append((extra, naming, prefix, stripped, to_ours, reading))
     if not found:
-        raise CheckpointError(_mismatch_message(path, list(state), [names[n] for n in names][-1], encoder_keys))
+        raise CheckpointError(_mismatch_message(path, list(state), list(names.values())[-1], encoder_keys))
     # one reading per set of file tensors: of the namings that read the same tensors (soupbench's names under
     # `encoder.` are timm's under the prefix `encoder.`), the one that accounts for the most tensors
     found.sort(key=lambda c: len(c[0]))

@@ -354,11 +354,11 @@ class Run:
         reusing ingredients of another start stops here. Imported files are measured (importers.check_start,
         stored beside them); a failed check stops only the soups that use θ0 (`SoupContext.start_weights`)."""
         own = [g for g in ingredients if "source" not in g.meta]
-        other = [g.id for g in own if g.meta.get("base_fingerprint") != self.base_fp]
+        other = [g for g in own if g.meta.get("base_fingerprint") != self.base_fp]
         if other:
             raise ConfigError(
-                f"ingredients {other[:3]} in {self.ingredient_dir} were fine-tuned from another start "
-                f"({own[0].meta.get('base_fingerprint')}) than this run's θ0 ({self.base_fp}): backbone.* or "
+                f"ingredients {[g.id for g in other[:3]]} in {self.ingredient_dir} were fine-tuned from another "
+                f"start ({other[0].meta.get('base_fingerprint')}) than this run's θ0 ({self.base_fp}): backbone.* or "
                 "finetune.linear_probe.* changed since they were trained; restore those settings, or give this "
                 "start its own ingredients.dir")
         imported = [g for g in ingredients if "source" in g.meta]
