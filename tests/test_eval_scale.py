@@ -33,9 +33,12 @@ def test_72_ingredients_bounded_disk_flat_memory_and_ensembles_equal_a_direct_co
     assert scored <= per_ingredient <= scored + len(COLUMNS) * 512
     full_fp32 = sum(n * 1000 * 4 for n in many["split_images"].values())
     assert per_ingredient < 0.4 * full_fp32                 # what a cache of every fp32 logit would take
-    # memory: nothing is held across ingredients. The 72 ingredients' scores add up to ~255 MB; the peak
-    # may not grow by more than 25 MB from 8 ingredients to 72 (it grew by ~240 MB when they were kept).
-    assert many["peak_rss_mb"] - few["peak_rss_mb"] < 25, (few["peak_rss_mb"], many["peak_rss_mb"])
+    # memory: nothing is held across ingredients. The 72 ingredients' fp16 scores add up to ~255 MB and the
+    # peak grew by ~240 MB when they were kept; held per ingredient, they cost 3.5 MB each. Without that, the
+    # peak moves from 8 ingredients to 72 by run-to-run noise only (measured: -17 to +26 MB; one k varies by
+    # ~20 MB between runs), so the bound sits at 100 MB, three times the noise and under half the regression.
+    grew = many["peak_rss_mb"] - few["peak_rss_mb"]
+    assert grew < 100, (few["peak_rss_mb"], many["peak_rss_mb"])
     # every accuracy equals the direct fp32 computation, but for images where fp16 rounding can decide
     for s, c in many["check"].items():
         assert c["differ_outside_ties"] == 0 and c["ingredients"]["differ_outside_ties"] == 0, (s, c)
@@ -46,8 +49,9 @@ def test_72_ingredients_bounded_disk_flat_memory_and_ensembles_equal_a_direct_co
 
 def test_peak_memory_stays_flat_when_the_split_grows_4x(tmp_path):
     """Mapped images and block-wise scoring: 4x the images (~320 MB more uint8) move the peak by less than a
-    quarter of that (measured: 24-64 MB; the process's peak varies by ~30 MB from run to run); the same
-    evaluation with the images in memory (the control) grows by most of those 320 MB."""
+    half of that (measured: 24-64 MB; the process's peak varies by ~30 MB from run to run, so the bound of
+    ~160 MB stays clear of the noise); the same evaluation with the images in memory (the control) grows by
+    most of those 320 MB."""
     small, large = tmp_path / "small", tmp_path / "large"
     probe("setup", str(small), "--ingredients", "1", "--images", "10000", "--size", "32")
     probe("setup", str(large), "--ingredients", "1", "--images", "40000", "--size", "32")
@@ -56,5 +60,5 @@ def test_peak_memory_stays_flat_when_the_split_grows_4x(tmp_path):
     mapped = [probe("run", str(d), "--ingredients", "1")["peak_rss_mb"] for d in (small, large)]
     in_ram = [probe("run", str(d), "--ingredients", "1", "--mode", "in_ram")["peak_rss_mb"] for d in (small, large)]
     assert image_mb > 300
-    assert mapped[1] - mapped[0] < 0.25 * image_mb, (mapped, image_mb)
+    assert mapped[1] - mapped[0] < 0.5 * image_mb, (mapped, image_mb)
     assert in_ram[1] - in_ram[0] > 0.75 * image_mb, (in_ram, image_mb)
