@@ -52,7 +52,7 @@ QUICK_KILL_POINTS = [("soup.mehl.block", 1), ("evaluate.correct", 1)]
 SIGNAL_POINTS = [("finetune.step", 3), ("soup.greedy.start", 1), ("soup.mehl.block", 1), ("evaluate.scores", 2),
                  ("report.plots", 1), ("tracker.finish", 1)]
 QUICK_SIGNAL_POINTS = [("soup.mehl.block", 1)]
-DAMAGE_MODES = ("truncate", "zero", "delete")
+DAMAGE_MODES = ("truncate", "zero", "delete", "flip")     # flip: binary artefacts only (JSON is parsed, not summed)
 
 
 @dataclass
@@ -139,27 +139,31 @@ class Harness:
         return case
 
     # ------------------------------------------------------------------------------------------ cases
-    def kill(self, point: str, n: int) -> Case:
+    def kill(self, point: str, n: int, *extra: str) -> Case:
         """SIGKILL at the n-th time `point` is reached; a rerun must end with the uninterrupted run's results."""
-        t0, case = time.perf_counter(), Case("kill", f"{point}@{n}")
-        out = self.fresh(f"kill-{point}-{n}", "empty" if point.startswith(EARLY) else "finetuned")
-        rc, text = self.soupbench(out, fault=f"{point}@{n}:KILL")
+        t0, case = time.perf_counter(), Case("kill", f"{point}@{n}" + (f" {' '.join(extra)}" if extra else ""))
+        out = self.fresh(f"kill-{point}-{n}{'-'.join(('',) + extra).replace('=', '_')}",
+                         "empty" if point.startswith(EARLY) else "finetuned")
+        rc, text = self.soupbench(out, *extra, fault=f"{point}@{n}:KILL")
         if rc != -signal.SIGKILL:
             case.outcome, case.detail = "failed", f"the kill did not land (exit {rc}): {last_line(text)}"
             return self.record(case, t0)
         bad = half_written(out / "tiny")
-        rc, text = self.soupbench(out)
+        rc, text = self.soupbench(out, *extra)
         diffs = self.check_equal(out / "tiny") if rc == 0 else [f"rerun exit {rc}: {last_line(text)}"]
+        diffs += wandb_problems(out / "tiny", extra)
         case.outcome = "equal" if not diffs and not bad else "failed"
         case.detail = "; ".join(bad + diffs)[:400]
         return self.record(case, t0)
 
-    def interrupt(self, point: str, n: int, sig: str) -> Case:
+    def interrupt(self, point: str, n: int, sig: str, *extra: str) -> Case:
         """SIGTERM / SIGINT at a point: exit 128 + signal, one line naming it, no temp file left, every artefact
         readable; a rerun ends equal."""
-        t0, case = time.perf_counter(), Case(f"SIG{sig}", f"{point}@{n}")
-        out = self.fresh(f"sig{sig}-{point}-{n}", "empty" if point.startswith(EARLY) else "finetuned")
-        rc, text = self.soupbench(out, fault=f"{point}@{n}:{sig}")
+        t0 = time.perf_counter()
+        case = Case(f"SIG{sig}", f"{point}@{n}" + (f" {' '.join(extra)}" if extra else ""))
+        out = self.fresh(f"sig{sig}-{point}-{n}{'-'.join(('',) + extra).replace('=', '_')}",
+                         "empty" if point.startswith(EARLY) else "finetuned")
+        rc, text = self.soupbench(out, *extra, fault=f"{point}@{n}:{sig}")
         expected = 128 + int(getattr(signal, f"SIG{sig}"))
         lines = [x for x in text.splitlines() if x.startswith("soupbench: interrupted by")]
         problems = []
@@ -170,8 +174,9 @@ class Harness:
         if "Traceback" in text:
             problems.append("a traceback was printed")
         problems += half_written(out / "tiny", temp_files_allowed=False)
-        rc, text = self.soupbench(out)
+        rc, text = self.soupbench(out, *extra)
         problems += self.check_equal(out / "tiny") if rc == 0 else [f"rerun exit {rc}: {last_line(text)}"]
+        problems += wandb_problems(out / "tiny", extra)
         case.outcome, case.detail = ("clean-exit" if not problems else "failed"), "; ".join(problems)[:400]
         if not problems:
             case.detail = lines[0]
@@ -274,7 +279,8 @@ class Harness:
 # ---------------------------------------------------------------------------------------------- artefacts
 ARTEFACTS = ("lp.safetensors", "lp.json", "ingredient.safetensors", "ingredient.json", "soup.safetensors",
              "soup.json", "scores", "decoded_cache", "correct.safetensors", "results.json")
-QUICK_ARTEFACTS = [("soup.safetensors", "zero"), ("scores", "truncate"), ("results.json", "truncate")]
+QUICK_ARTEFACTS = [("soup.safetensors", "zero"), ("scores", "truncate"), ("scores", "flip"),
+                   ("results.json", "truncate")]
 
 
 def artefact_path(run_dir: Path, kind: str) -> Path | None:
@@ -300,6 +306,10 @@ def damage_file(path: Path, mode: str) -> None:
         path.write_bytes(data[: len(data) // 2])
     elif mode == "zero":
         path.write_bytes(b"\0" * path.stat().st_size)
+    elif mode == "flip":                          # one bit, three quarters in: inside a weights file's data
+        data = bytearray(path.read_bytes())
+        data[len(data) - len(data) // 4] ^= 0x10
+        path.write_bytes(bytes(data))
     else:
         raise ValueError(mode)
 
@@ -356,9 +366,23 @@ def mounted_copy(h: Harness, name: str, ro: bool) -> Iterator[Path | None]:
 
 
 def read_results(run_dir: Path) -> dict:
-    """results.json with the output directory's own path written as <out> (config paths differ per case)."""
+    """results.json with the output directory's own path written as <out> (config paths differ per case) and
+    without the logger's settings (the W&B cases log, the reference does not; results never depend on it)."""
     text = (run_dir / "results.json").read_text()
-    return json.loads(text.replace(str(run_dir.parent), "<out>"))
+    results = json.loads(text.replace(str(run_dir.parent), "<out>"))
+    results.get("config", {}).pop("logger", None)
+    return results
+
+
+def wandb_problems(run_dir: Path, extra: tuple[str, ...]) -> list[str]:
+    """With logger=wandb: the rerun's offline W&B run (the newest) holds the soups' accuracies in its record log,
+    so `wandb sync` has a whole run to upload whatever happened to the interrupted one."""
+    if "logger=wandb" not in extra:
+        return []
+    logs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    if len(logs) < 2 or b"uniform/heldout" not in logs[-1].read_bytes():
+        return [f"no W&B run of the rerun with the soups' accuracies under {run_dir / 'wandb'} ({len(logs)} runs)"]
+    return []
 
 
 def differences(a: dict, b: dict, path: str = "") -> list[str]:
@@ -392,7 +416,12 @@ def sweep(work: Path, quick: bool = False) -> dict:
     for sig in ("TERM", "INT"):
         for point, n in QUICK_SIGNAL_POINTS if quick else SIGNAL_POINTS:
             h.interrupt(point, n, sig)
-    plan = QUICK_ARTEFACTS if quick else [(a, m) for a in ARTEFACTS for m in DAMAGE_MODES]
+    for point in ("report.done", "tracker.finish"):           # W&B (offline) open while the process dies
+        h.kill(point, 1, "logger=wandb")
+        if not quick:
+            h.interrupt(point, 1, "TERM", "logger=wandb")
+    plan = QUICK_ARTEFACTS if quick else [(a, m) for a in ARTEFACTS for m in DAMAGE_MODES
+                                          if m != "flip" or not a.endswith(".json")]
     for artefact, mode in plan:
         h.damage(artefact, mode)
     h.size_limit()

@@ -259,8 +259,8 @@ class Evaluator:
         if path is None or not path.is_file():
             return None
         try:
-            rows = MappedRows(path, "scores")
-        except CheckpointError as e:           # truncated or zero-filled: a cache is recomputed, never used
+            rows = MappedRows(path, "scores").verify()
+        except CheckpointError as e:           # truncated, zero-filled or altered: recomputed, never used
             log.warning("%s; recomputing the scores", e)
             path.unlink(missing_ok=True)
             return None

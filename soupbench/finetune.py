@@ -31,7 +31,7 @@ from soupbench.guards import (
     require_finite_tensors,
     setting,
 )
-from soupbench.io import atomic_path, hash_settings
+from soupbench.io import hash_settings, save_torch
 from soupbench.runtime import autocast, cosine_with_warmup, progress_bar
 
 log = logging.getLogger("soupbench")
@@ -321,8 +321,7 @@ def _save_checkpoint(path: Path, model: Classifier, opt: torch.optim.Optimizer, 
                  "first_loss": None if first_loss is None else float(first_loss),
                  "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        save_torch(path, state)
     barrier()
 
 

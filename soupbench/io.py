@@ -85,6 +85,20 @@ def save_weights(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
             raise OSError(code, os.strerror(code), str(path)) from e
 
 
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    """`torch.save(obj)` atomically, for what safetensors cannot hold (a fine-tuning checkpoint's optimizer and
+    RNG state). Written through a Python file object, so a full or size-limited disk surfaces as the OSError it is
+    (torch's own writer reports it as "unexpected pos" RuntimeError)."""
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except RuntimeError as e:
+            if not isinstance(cause := e.__context__, OSError):
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+
+
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu", check_finite: bool = True
                  ) -> dict[str, torch.Tensor]:
     """Load a safetensors state dict; a missing, truncated or corrupt file or NaN/Inf weights raise

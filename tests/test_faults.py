@@ -84,6 +84,7 @@ def test_damaged_soups_and_score_files_are_recomputed_never_used(tiny_run, tmp_p
     fault_injection.damage_file(run_dir / "soups" / "greedy.safetensors", "zero")
     scores = sorted((run_dir / "logits").glob("*/*/test.safetensors"))
     fault_injection.damage_file(scores[0], "truncate")
+    fault_injection.damage_file(scores[1], "flip")            # one bit of its data: fails its checksum
     uniform = run_dir / "soups" / "uniform.safetensors"
     data = bytearray(uniform.read_bytes())
     data[-4096:] = b"\0" * 4096                              # altered in place: parses, wrong contents
@@ -128,7 +129,7 @@ def test_fault_injection_sweep(tmp_path):
     assert summary["failed"] == [], summary["failed"]
 
 
-@pytest.mark.parametrize("mode", ["truncate", "zero"])
+@pytest.mark.parametrize("mode", ["truncate", "zero", "flip"])
 def test_a_damaged_decoded_image_cache_is_decoded_again(tmp_path, mode):
     from soupbench.data.decoded_cache import load_image_folder
     from tests.helpers import png

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zlib
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ def test_chunked_write_is_a_safetensors_file_and_reads_back_by_rows(tmp_path, dt
     write_rows(path, "t", tuple(x.shape), dtype, x.split(64), {"source": "test"})
     assert torch.equal(load_file(path)["t"], x)
     m = MappedRows(path)
-    assert m.shape == x.shape and m.dtype == dtype and len(m) == 301 and m.metadata == {"source": "test"}
+    assert m.shape == x.shape and m.dtype == dtype and len(m) == 301 and m.metadata["source"] == "test"
     assert torch.equal(m[10:200], x[10:200]) and torch.equal(m[7], x[7]) and torch.equal(m[-1], x[-1])
     assert torch.equal(m[300:400], x[300:400]) and torch.equal(m[5:5], x[5:5])
     idx = torch.tensor([3, 4, 5, 100, 2, 300, 4])
@@ -47,3 +48,22 @@ def test_a_failed_writer_leaves_no_file_and_a_truncated_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(CheckpointError, match="x.safetensors.*truncated"):
         MappedRows(path)
+
+
+def test_data_damaged_in_place_fails_its_checksum_and_an_intact_file_passes(tmp_path):
+    x = torch.randn(300, 7).half()
+    path = tmp_path / "s.safetensors"
+    write_rows(path, "scores", tuple(x.shape), torch.float16, x.split(64), {"split": "test"})
+    m = MappedRows(path, "scores")
+    assert m.metadata["crc32"] == f"{zlib.crc32(x.numpy().tobytes()):08x}"     # the CRC of the data bytes
+    assert m.verify() is m and torch.equal(load_file(path)["scores"], x)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01                                      # one bit of one score: the header still parses
+    path.write_bytes(bytes(data))
+    damaged = MappedRows(path, "scores")                    # opens (shape and size are right) ...
+    with pytest.raises(CheckpointError, match="s.safetensors.*checksum.*delete it to recompute"):
+        damaged.verify()                                    # ... and is refused before use
+    plain = tmp_path / "other.safetensors"                  # a file another tool wrote: no checksum, not refused
+    from safetensors.torch import save_file
+    save_file({"t": x}, str(plain))
+    assert MappedRows(plain).verify().metadata.get("crc32") is None

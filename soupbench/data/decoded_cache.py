@@ -81,8 +81,8 @@ def decode_cached(paths: list[Path], root: Path, size: int, cache_dir: str | os.
     cache = Path(cache_dir) / f"{root.name}-{size}px-{key}.safetensors" if cache_dir else None
     shape = (len(paths), 3, size, size)
     if cache is not None and cache.is_file():
-        try:                                  # a truncated or zero-filled cache is decoded again, never used
-            rows = MappedRows(cache, "images")
+        try:                                  # a truncated, zero-filled or altered cache: decoded again, never used
+            rows = MappedRows(cache, "images").verify()
             if tuple(rows.shape) == shape:
                 return rows
             raise CheckpointError(f"{cache}: {tuple(rows.shape)} images, expected {shape}")
