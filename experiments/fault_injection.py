@@ -213,6 +213,19 @@ class Harness:
         out = self.fresh("size-limit", "finetuned")
         return self._disk_case(case, t0, out, lambda: self.soupbench(out, limit_bytes=1 << 20))
 
+    def size_limit_finetune(self) -> Case:
+        """The same from an empty run directory with 20 MB per file: the linear probe (14 MB) is written, the first
+        fine-tuning checkpoint (weights and Adam's moments, ~41 MB; one every 2 steps here) is not; one line naming
+        the checkpoint."""
+        t0, case = time.perf_counter(), Case("disk", "size limit (RLIMIT_FSIZE 20 MB) at fine-tuning")
+        out = self.fresh("size-limit-finetune", "empty")
+        go = lambda: self.soupbench(out, "finetune.checkpoint_every=2", limit_bytes=20 << 20)  # noqa: E731
+        case = self._disk_case(case, t0, out, go, record=False)
+        if case.outcome == "refused" and ".ckpt" not in case.detail and "checkpoint" not in case.detail:
+            case.outcome = "failed"
+            case.detail = f"stopped elsewhere than at the fine-tuning checkpoint: {case.detail}"
+        return self.record(case, t0)
+
     def disk_full(self) -> Case:
         """The output on a tmpfs with a few KB free: one line, exit 2, the artefacts there intact."""
         t0, case = time.perf_counter(), Case("disk", "full (tmpfs)")
@@ -230,8 +243,8 @@ class Harness:
                 return self.record(case, t0)
             return self._disk_case(case, t0, out, lambda: self.soupbench(out))
 
-    def _disk_case(self, case: Case, t0: float, out: Path, go) -> Case:
-        before = tree_hashes(out / "tiny")
+    def _disk_case(self, case: Case, t0: float, out: Path, go, record: bool = True) -> Case:
+        before = tree_hashes(out / "tiny") if (out / "tiny").is_dir() else {}
         rc, text = go()
         lines = [x for x in text.splitlines() if x.startswith("soupbench: error:")]
         after = tree_hashes(out / "tiny")
@@ -243,7 +256,7 @@ class Harness:
             problems.append(f"artefacts changed: {changed[:3]}")
         case.outcome = "refused" if not problems else "failed"
         case.detail = "; ".join(problems) or (lines[0] if lines else "")
-        return self.record(case, t0)
+        return self.record(case, t0) if record else case
 
     def concurrent(self, same: bool, start: str = "finetuned") -> Case:
         """Two processes on one run directory at once: both finish, nothing is corrupt, and results.json equals
@@ -425,6 +438,7 @@ def sweep(work: Path, quick: bool = False) -> dict:
     for artefact, mode in plan:
         h.damage(artefact, mode)
     h.size_limit()
+    h.size_limit_finetune()
     h.disk_full()
     h.read_only()
     h.concurrent(same=True)
