@@ -68,7 +68,7 @@ class Case:
 class Harness:
     work: Path
     cases: list[Case] = field(default_factory=list)
-    _ref: dict | None = None
+    _refs: dict[str, dict] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------------ running
     def soupbench(self, out: Path, *extra: str, fault: str | None = None, limit_bytes: int | None = None,
@@ -94,27 +94,39 @@ class Harness:
         text = proc.communicate(timeout=timeout)[0]
         return proc.returncode, text
 
-    def reference(self) -> dict:
-        """The uninterrupted run (work/ref), once."""
-        if self._ref is None:
-            ref = self.work / "ref"
+    def reference(self, variant: str = "ref") -> dict:
+        """The uninterrupted run (work/<variant>), once: `ref` on the tiny preset's MNIST, `ref-folder` on an
+        image-folder dataset (FOLDER_ARGS), whose images go through the decoded cache."""
+        if variant not in self._refs:
+            ref = self.work / variant
             if not (ref / "tiny" / "results.json").is_file():
                 shutil.rmtree(ref, ignore_errors=True)
-                rc, text = self.soupbench(ref)
+                rc, text = self.soupbench(ref, *self.variant_args(variant))
                 if rc != 0:
                     raise RuntimeError(f"the uninterrupted run failed:\n{text[-3000:]}")
-            self._ref = read_results(ref / "tiny")
-        return self._ref
+            self._refs[variant] = read_results(ref / "tiny")
+        return self._refs[variant]
 
-    def fresh(self, name: str, stage: str) -> Path:
+    def variant_args(self, variant: str) -> tuple[str, ...]:
+        if variant == "ref":
+            return ()
+        root = self.work / "digit-folders"
+        if not (root / "test").is_dir():
+            write_digit_folders(root)
+        return (*FOLDER_ARGS, f"dataset.root={root}")
+
+    def fresh(self, name: str, stage: str, variant: str = "ref") -> Path:
         """A new output directory holding the reference's state at `stage`: `empty`, `finetuned` (linear probe,
-        ingredients and their held-out scores: the state when the soup stage starts) or `done` (everything)."""
-        self.reference()
+        ingredients and their held-out scores: the state when the soup stage starts) or `done` (everything,
+        the decoded image cache included)."""
+        self.reference(variant)
         out = self.work / "cases" / name
         shutil.rmtree(out, ignore_errors=True)
-        src, dst = self.work / "ref" / "tiny", out / "tiny"
+        src, dst = self.work / variant / "tiny", out / "tiny"
         if stage == "done":
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("hydra", ".*.tmp"))
+            if (src.parent / "cache").is_dir():
+                shutil.copytree(src.parent / "cache", out / "cache")
         elif stage == "finetuned":
             dst.mkdir(parents=True)
             for sub in ("base", "ingredients"):
@@ -128,8 +140,8 @@ class Harness:
             out.mkdir(parents=True)
         return out
 
-    def check_equal(self, run_dir: Path) -> list[str]:
-        return differences(self.reference(), read_results(run_dir))
+    def check_equal(self, run_dir: Path, variant: str = "ref") -> list[str]:
+        return differences(self.reference(variant), read_results(run_dir))
 
     def record(self, case: Case, t0: float) -> Case:
         case.seconds = time.perf_counter() - t0
@@ -186,20 +198,21 @@ class Harness:
         """Damage one artefact of a finished run and rerun: it must be recomputed (results equal) or refused in
         one line naming the file (exit 2), never used."""
         t0, case = time.perf_counter(), Case("damage", f"{artefact}:{mode}")
-        out = self.fresh(f"damage-{artefact}-{mode}", "done")
+        variant = "ref-folder" if artefact == "decoded_cache" else "ref"     # MNIST is not decoded from files
+        out = self.fresh(f"damage-{artefact}-{mode}", "done", variant)
         path = artefact_path(out / "tiny", artefact)
         if path is None:
             case.outcome, case.detail = "skipped", "no such artefact in this run"
             return self.record(case, t0)
         damage_file(path, mode)
-        rc, text = self.soupbench(out)
+        rc, text = self.soupbench(out, *self.variant_args(variant))
         if rc == 2:
             errors = [x for x in text.splitlines() if x.startswith("soupbench: error:")]
             ok = len(errors) == 1 and path.name in errors[0] and "Traceback" not in text
             case.outcome = "refused" if ok else "failed"
             case.detail = errors[0] if errors else last_line(text)
         elif rc == 0:
-            diffs = self.check_equal(out / "tiny") + half_written(out / "tiny")
+            diffs = self.check_equal(out / "tiny", variant) + half_written(out / "tiny")
             case.outcome = "recomputed" if not diffs else "failed"
             case.detail = "; ".join(diffs)[:400] or f"{path.name} rewritten"
         else:
@@ -294,6 +307,29 @@ ARTEFACTS = ("lp.safetensors", "lp.json", "ingredient.safetensors", "ingredient.
              "soup.json", "scores", "decoded_cache", "correct.safetensors", "results.json")
 QUICK_ARTEFACTS = [("soup.safetensors", "zero"), ("scores", "truncate"), ("scores", "flip"),
                    ("results.json", "truncate")]
+
+
+# an image-folder dataset (digits written as PNG files), so that the decoded image cache exists
+FOLDER_ARGS = ("dataset=image_folder", "dataset.image_size=32", "~dataset.num_train", "~dataset.num_heldout",
+               "~dataset.num_test", "~dataset.num_ood", "dataset.ood=[inverted]")
+
+
+def write_digit_folders(root: Path) -> None:
+    """scikit-learn's 8x8 digits (bundled with it) as 16x16 PNG files in <root>/<split>/<digit>/: 120 train,
+    60 val, 60 test and 60 inverted (the OOD split)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    i = 0
+    for split, n in {"train": 120, "val": 60, "test": 60, "inverted": 60}.items():
+        for _ in range(n):
+            pixels = (digits.images[i] / 16 * 255).astype(np.uint8)
+            path = root / split / str(digits.target[i]) / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(255 - pixels if split == "inverted" else pixels).resize((16, 16)).convert("RGB").save(path)
+            i += 1
 
 
 def artefact_path(run_dir: Path, kind: str) -> Path | None:

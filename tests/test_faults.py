@@ -144,3 +144,24 @@ def test_a_damaged_decoded_image_cache_is_decoded_again(tmp_path, mode):
     fault_injection.damage_file(file, mode)
     _, again, _ = load_image_folder(tmp_path / "split", 8, cache)
     assert torch.equal(again[:], expected) and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_checkpoint_on_a_full_disk_is_the_oserror_it_is_and_leaves_no_file(tmp_path):
+    """torch.save's own writer reports a failed write as RuntimeError("unexpected pos ..."); through io.save_torch
+    it is the OSError (here EFBIG from a 1 MB file-size limit) that report_errors turns into one line."""
+    proc = python(f"""
+        import resource, signal, torch
+        from pathlib import Path
+        from soupbench.errors import report_errors
+        from soupbench.io import save_torch
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        out = Path({str(tmp_path)!r})
+        save_torch(out / "small.pt", {{"w": torch.zeros(10)}})
+        report_errors(save_torch, out / "big.pt", {{"w": torch.zeros(1 << 20), "step": 3}})
+        """)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("soupbench:") or "Traceback" in x]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"soupbench: error: cannot write {tmp_path / 'big.pt'}: File too large"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.pt"]
+    assert torch.equal(torch.load(tmp_path / "small.pt")["w"], torch.zeros(10))
