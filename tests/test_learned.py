@@ -188,6 +188,27 @@ def test_combine_is_centre_plus_weighted_directions():
     torch.testing.assert_close(out["a"], torch.ones(3) + 2 * d["a"][0] - d["a"][1])
 
 
+def test_the_soup_and_the_projections_do_not_depend_on_how_the_models_are_split(monkeypatch):
+    """What lets W ranks learn one process's coefficients bit for bit: the soup summed as the all-reduce does
+    (partial float64 sums over any split of the rows, added) and each row's projection, computed with any
+    other rows or in chunks of any size, round to the same float32 values as the unsplit computation."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 5003, generator=gen) * torch.logspace(-3, 1, 7)[:, None]   # mixed magnitudes
+    w, v = torch.randn(7, generator=gen), torch.randn(5003, generator=gen)
+    whole = learned._weighted_rows64(rows, w).float()
+    projections = learned._project_rows64(rows, v).float()
+    squares = learned._row_squares64(rows).float()
+    for chunk in (learned.CHUNK_ELEMENTS, 5003, 2 * 5003 + 1, 64):     # the whole stack, 1, 2 and 1 row a chunk
+        monkeypatch.setattr(learned, "CHUNK_ELEMENTS", chunk)
+        for k in range(8):
+            parts = learned._weighted_rows64(rows[:k], w[:k]) + learned._weighted_rows64(rows[k:], w[k:])
+            assert torch.equal(parts.float(), whole), (chunk, k)
+            split = torch.cat([learned._project_rows64(rows[:k], v), learned._project_rows64(rows[k:], v)])
+            assert torch.equal(split.float(), projections), (chunk, k)
+            assert torch.equal(torch.cat([learned._row_squares64(rows[:k]), learned._row_squares64(rows[k:])]
+                                         ).float(), squares), (chunk, k)
+
+
 # ---------------------------------------------------------------------------------- the official code's protocol
 
 

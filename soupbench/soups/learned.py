@@ -28,19 +28,21 @@ of directions that do not fit one device, as MEHL_soup_layer.py does: each rank 
 share of the block's models (`World.share`, the official `parts`); the soup θ = c + Σ_i w_i d_i is the
 all-reduced sum of every rank's partial Σ over its own directions, and each rank projects ∇θL onto its own
 directions. W ranks give one process's coefficients and soup bit for bit (tested with gloo on the CPU, at one
-thread per process), which takes three departures from the official code: (1) every float sum whose terms
-the ranks split is taken in float64 and rounded once (the soup, the block's mean, ∂L/∂w and the directions'
-norms): a product of two float32 numbers is exact in float64, so the rounded value does not depend on the split
-barring a tie at float64 precision;
-(2) every rank runs the soup on the whole held-out batch, where the official code splits it with DDP over a
-DistributedSampler: the shards' summed gradients differ from the whole batch's in float order, and Adam
-divides each coefficient's step by its gradient's running RMS, which turned that noise into coefficient
-differences of up to 7e-5 on the tiny preset (the forward/backward is then not split over the ranks; the
-validation batches are, whole batches per rank); (3) every rank keeps all of the block's coefficients and their
-optimiser, assembling the rows of ∂L/∂w from the ranks (`World.rows`, a few numbers per model) where the
-official code keeps only its own rows: the softmax of learned soup(+) spans all models, and clipping ∂L/∂α
-needs them all. Only rank 0 writes the progress files; it reads them on resume and sends the state to the
-others.
+thread per process), which takes three departures from the official code. Any float noise matters: Adam
+divides each coefficient's step by its gradient's running RMS, so a near-zero gradient's sign noise moves a
+coefficient by up to lr; on the tiny preset's learned_plus the split batch alone, or float32 ∂L/∂w alone, made
+two ranks' coefficients differ from one process's by up to 6.7e-5.
+(1) Every rank runs the soup on the whole held-out batch, where the official code splits it with DDP over a
+DistributedSampler: the shards' summed gradients differ from the whole batch's in float order. So the
+forward/backward is not split over the ranks; the validation batches are, whole batches per rank.
+(2) Every float sum whose terms the ranks split is taken in float64 and rounded once, in one process too:
+∂L/∂w (a row of a float32 GEMV depends on the rows beside it), the soup (float32 alone: 6.6e-7), the block's
+mean and the directions' norms. A product of two float32 numbers is exact in float64, so the rounded value
+does not depend on the split barring a tie at float64 precision.
+(3) Every rank keeps all of the block's coefficients and their optimiser, assembling the rows of ∂L/∂w from
+the ranks (`World.rows`, a few numbers per model) where the official code keeps only its own rows: the
+softmax of learned soup(+) spans all models, and clipping ∂L/∂α needs them all.
+Only rank 0 writes the progress files; it reads them on resume and sends the state to the others.
 
 Buffers (BatchNorm running statistics) are not learned: they come from the centre (affine) or the uniform
 mean of the block (simplex); re-estimate them on training data with `bn_recalibration` where they matter.
