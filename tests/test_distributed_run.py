@@ -50,10 +50,11 @@ def table(out: str) -> str:
 
 
 # Runs that fine-tune their own ingredients: DDP's ingredients differ from one process's by up to 3e-7 (the
-# float order of the shards' gradient sum), which moved the tiny preset's learned_plus coefficients by up to
-# 1.1e-5 (measured; Adam divides a coefficient's step by its gradient's running RMS, so a near-zero gradient's
-# noise moves it by up to lr)
-DDP_COEF_TOL = 5e-5
+# float order of the shards' gradient sum), and Adam divides a coefficient's step by its gradient's running
+# RMS, so a near-zero gradient's noise moves it by up to lr. Measured, one process souping either run's
+# ingredients of experiment=tiny: learned_plus's coefficients up to 1.1e-5 apart (5.7e-5 with the engine's
+# earlier float32 sums), hl's and mehl's 8.5e-5: which coefficients land near zero is a lottery.
+DDP_COEF_TOL = 2e-4
 
 
 def assert_same_results(a_dir: Path, b_dir: Path, coef_tol: float = 0.0) -> None:
