@@ -22,7 +22,9 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("parameterisation", ["simplex", "affine"])
 @pytest.mark.parametrize("granularity", ["model", "layer"])
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
-def test_coefficient_gradient_matches_autograd_through_all_models(parameterisation, granularity, memory_format):
+@pytest.mark.parametrize("pieces", [1, 5])             # 5: pieces of 5, 5, 5, 5 and 4 images, summed
+def test_coefficient_gradient_matches_autograd_through_all_models(parameterisation, granularity, memory_format,
+                                                                 pieces):
     torch.manual_seed(0)
     model = tiny_model().double().eval()
     names = learnable_names(model)
@@ -51,7 +53,8 @@ def test_coefficient_gradient_matches_autograd_through_all_models(parameterisati
 
     # engine: one forward/backward of the single soup, inner products, then the tiny coefficient graph
     w = coefficient_weights(param, parameterisation, len(names), temperature=0.7)
-    loss, g, _ = coefficient_gradient(model, centre, dirs, w.detach(), names, buffers, x, y, precision="fp32")
+    loss, g, _ = coefficient_gradient(model, centre, dirs, w.detach(), names, buffers, x, y, precision="fp32",
+                                      pieces=pieces)
     (grad,) = torch.autograd.grad(w, param, g)
     torch.testing.assert_close(loss, loss_ref.detach())
     torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-12)

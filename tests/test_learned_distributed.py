@@ -34,6 +34,10 @@ CASES = {
                          logit_scale="learned", schedule="constant", clip="coefficients", max_grad_norm=0.5,
                          **COMMON),
 }
+# batch_pieces: each batch cut into pieces spread over the ranks (48 images in 3: two on rank 0, one on rank 1;
+# 32 in 5 of 7, 7, 6, 6, 6), the same coefficients as one process cutting the same pieces
+CASES["mehl_plus_pieces"] = {**CASES["mehl_plus"], "batch_pieces": 3}
+CASES["learned_plus_pieces"] = {**CASES["learned_plus"], "batch_pieces": 5}
 # MEHL-Soup+ again with the model channels_last: ∇θL comes back channels_last and is projected onto contiguous
 # directions on every rank
 CASES["mehl_plus_channels_last"] = CASES["mehl_plus"]

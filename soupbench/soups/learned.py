@@ -33,8 +33,10 @@ divides each coefficient's step by its gradient's running RMS, so a near-zero gr
 coefficient by up to lr; on the tiny preset's learned_plus the split batch alone, or float32 ∂L/∂w alone, made
 two ranks' coefficients differ from one process's by up to 6.7e-5.
 (1) Every rank runs the soup on the whole held-out batch, where the official code splits it with DDP over a
-DistributedSampler: the shards' summed gradients differ from the whole batch's in float order. So the
-forward/backward is not split over the ranks; the validation batches are, whole batches per rank.
+DistributedSampler: the shards' summed gradients differ from the whole batch's in float order. So by default
+the forward/backward is not split over the ranks (the validation batches are, whole batches per rank);
+`batch_pieces: P` cuts every batch into P pieces spread over the ranks, their gradients added in float64
+(P >= W splits the forward/backward as DDP does): the coefficients then depend on P, never on W.
 (2) Every float sum whose terms the ranks split is taken in float64 and rounded once, in one process too:
 ∂L/∂w (a row of a float32 GEMV depends on the rows beside it), the soup (float32 alone: 6.6e-7), the block's
 mean and the directions' norms. A product of two float32 numbers is exact in float64, so the rounded value
@@ -142,7 +144,7 @@ def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tens
                          directions: Mapping[str, torch.Tensor], weights: torch.Tensor, names: list[str],
                          buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                          precision: str = "auto", clip_model_grad: float | None = None,
-                         logit_scale: torch.Tensor | None = None, ranks: World = SINGLE
+                         logit_scale: torch.Tensor | None = None, ranks: World = SINGLE, pieces: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss, G = ∂L/∂w (b × L) and ∂L/∂(logit scale) from one forward/backward of the single soup model.
 
@@ -154,12 +156,16 @@ def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tens
 
     Across ranks `directions` and `weights` are this rank's rows: the soup is all-reduced, every rank runs the
     whole batch (x, y) on it, which gives every rank one process's loss and ∇θL, and projects ∇θL onto its own
-    directions: G holds this rank's rows."""
+    directions: G holds this rank's rows. `pieces` > 1 cuts the batch into that many pieces, spread over the
+    ranks (`_pieces_gradient`): the same loss and ∇θL for any number of ranks, the forward/backward split."""
     with torch.no_grad():
         theta = {n: t.requires_grad_(True)
                  for n, t in like_model(model, combine(centre, directions, weights, names, ranks)).items()}
     leaves = [theta[n] for n in names] + ([logit_scale] if logit_scale is not None else [])
-    loss, grads = _model_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale)
+    if pieces > 1:
+        loss, grads = _pieces_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale, pieces, ranks)
+    else:
+        loss, grads = _model_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale)
     scale_grad = grads[-1] if logit_scale is not None else None
     grads = grads[:len(names)]
     g = torch.stack([_project_rows64(directions[n].flatten(1), gr) for n, gr in zip(names, grads, strict=True)],
@@ -172,17 +178,43 @@ def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tens
 
 def _model_gradient(model: torch.nn.Module, buffers: Mapping[str, torch.Tensor], theta: dict[str, torch.Tensor],
                     leaves: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, precision: str,
-                    logit_scale: torch.Tensor | None) -> tuple[torch.Tensor, list]:
-    """(loss, ∂loss/∂leaves) of the soup on (x, y): the mean cross-entropy."""
+                    logit_scale: torch.Tensor | None, batch_total: int | None = None) -> tuple[torch.Tensor, list]:
+    """(loss, ∂loss/∂leaves) of the soup on (x, y): the mean cross-entropy, or with `batch_total` the sum over
+    (x, y) / batch_total (a piece of a batch of that many images)."""
     with autocast(x.device, precision):
         logits = functional_call(model, {**buffers, **theta}, (x,), strict=False)
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()
     if logit_scale is not None:
         logits = logits * logit_scale
-    loss = F.cross_entropy(logits, y)
+    if batch_total is None:
+        loss = F.cross_entropy(logits, y)
+    else:
+        loss = F.cross_entropy(logits, y, reduction="sum") / batch_total
     grads = [g.contiguous() for g in torch.autograd.grad(loss, leaves)]
     return loss.detach(), grads
+
+
+def _pieces_gradient(model: torch.nn.Module, buffers: Mapping[str, torch.Tensor], theta: dict[str, torch.Tensor],
+                     leaves: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, precision: str,
+                     logit_scale: torch.Tensor | None, pieces: int, ranks: World) -> tuple[torch.Tensor, list]:
+    """(loss, ∂loss/∂leaves) of the whole batch from `pieces` contiguous pieces of it, cut the same way for any
+    number of ranks: each rank runs its share of the pieces, and their losses and gradients are added up in
+    float64 over the pieces and the ranks, then rounded once. A piece's gradient does not depend on which rank
+    runs it, so the result depends on `pieces`, never on the ranks (barring a tie at float64 precision)."""
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    acc = [torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in leaves]
+    for j in range(pieces)[ranks.share(pieces)]:
+        part = World(j, pieces).share(len(y))
+        if part.stop == part.start:                  # fewer images than pieces
+            continue
+        piece_loss, grads = _model_gradient(model, buffers, theta, leaves, x[part], y[part], precision, logit_scale,
+                                            len(y))
+        loss += piece_loss
+        for a, g in zip(acc, grads, strict=True):
+            a.add_(g)
+    ranks.sum_([loss, *acc])
+    return loss.to(leaves[0].dtype), [a.to(t.dtype) for a, t in zip(acc, leaves, strict=True)]
 
 
 def coefficient_weights(param: torch.Tensor, parameterisation: str, group_of: torch.Tensor | int,
@@ -202,7 +234,7 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
                buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, parameterisation: str,
                temperature: float, max_grad_norm: float | None, clip: str = "model", precision: str = "auto",
                group_of: torch.Tensor | int | None = None, logit_scale: torch.Tensor | None = None,
-               coef_l2: float = 0.0, ranks: World = SINGLE) -> torch.Tensor:
+               coef_l2: float = 0.0, ranks: World = SINGLE, pieces: int = 1) -> torch.Tensor:
     """One optimiser step on the block's coefficients (and the logit scale, when learned): what the benchmark
     times. `coef_l2` adds λ·Σ param² to the loss, pulling the coefficients toward 0: the centre (affine) or the
     uniform soup (simplex). Returns the loss on the device, so the caller decides when to synchronise.
@@ -215,7 +247,7 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
     mine = ranks.share(len(param))
     loss, g, scale_grad = coefficient_gradient(model, centre, directions, w.detach()[mine], names, buffers, x, y,
                                                precision, max_grad_norm if clip == "model" else None, logit_scale,
-                                               ranks)
+                                               ranks, pieces)
     g = ranks.rows(g, len(param))
     opt.zero_grad(set_to_none=True)
     w.backward(g.to(w.dtype))
@@ -292,8 +324,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
           batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0, schedule: str = "cosine",
           warmup_frac: float = 0.2, max_grad_norm: float | None = 1.0, clip: str = "model",
           logit_scale: str = "fixed", temperature: float = 1.0, init: float = 0.0, coef_l2: float = 0.0,
-          val_fraction: float = 0.0, seed: int = 0, distributed: str = "auto", model_order: str = "torch"
-          ) -> SoupResult:
+          val_fraction: float = 0.0, seed: int = 0, distributed: str = "auto", model_order: str = "torch",
+          batch_pieces: int = 1) -> SoupResult:
     """See the module docstring. With few held-out images the layer-wise variants fit thousands of coefficients
     and overfit; three settings counter that: coarser groups (`layer_size`), `coef_l2` toward the centre, and
     `val_fraction`: that share of the held-out images is kept out of the inner steps, and each block keeps the
@@ -314,6 +346,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         raise ConfigError(f"block_size={block_size}: must be >= 1")
     if num_passes < 1:
         raise ConfigError(f"num_passes={num_passes}: must be >= 1")
+    if batch_pieces < 1:
+        raise ConfigError(f"batch_pieces={batch_pieces}: must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
     if parameterisation == "simplex" and (b < K or num_passes > 1):
@@ -333,6 +367,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                     init=init, coef_l2=coef_l2, val_fraction=val_fraction, seed=seed)
     if model_order != "torch":                 # in the key only when set: earlier resume states stay valid
         settings["model_order"] = model_order
+    if batch_pieces != 1:
+        settings["batch_pieces"] = batch_pieces
     key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ctx.ingredients],
                          "data": ctx.data_key, "precision": ctx.precision})
     dev = ctx.device
@@ -379,11 +415,11 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         for epoch in range(epochs):
             perm = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(heldout_x.device)]
             for i, stop in cuts:
-                idx = perm[i:stop]                       # every rank runs the whole batch
+                idx = perm[i:stop]                       # every rank holds the whole batch
                 x, y = heldout_x[idx].to(dev, non_blocking=True), heldout_y[idx].to(dev, non_blocking=True)
                 loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
                                   parameterisation, temperature, max_grad_norm, clip, ctx.precision, group_of, scale,
-                                  coef_l2, ranks)
+                                  coef_l2, ranks, batch_pieces)
                 sched.step()
                 block_losses.append(loss)
             if num_val:
