@@ -165,6 +165,7 @@ SCHEMA: tuple[Rule, ...] = (
     Rule("soup.*.init", float),
     Rule("soup.*.seed", int, ">=0"),
     Rule("soup.*.distributed", str, ("auto", "off")),
+    Rule("soup.*.batch_pieces", int, ">=1"),
     Rule("soup.*.alphas", float, ">=0,<=1", form="list"),
     Rule("soup.*.target", str),
     # logger/

@@ -22,7 +22,9 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("parameterisation", ["simplex", "affine"])
 @pytest.mark.parametrize("granularity", ["model", "layer"])
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
-def test_coefficient_gradient_matches_autograd_through_all_models(parameterisation, granularity, memory_format):
+@pytest.mark.parametrize("pieces", [1, 5])             # 5: pieces of 5, 5, 5, 5 and 4 images, summed
+def test_coefficient_gradient_matches_autograd_through_all_models(parameterisation, granularity, memory_format,
+                                                                 pieces):
     torch.manual_seed(0)
     model = tiny_model().double().eval()
     names = learnable_names(model)
@@ -51,7 +53,8 @@ def test_coefficient_gradient_matches_autograd_through_all_models(parameterisati
 
     # engine: one forward/backward of the single soup, inner products, then the tiny coefficient graph
     w = coefficient_weights(param, parameterisation, len(names), temperature=0.7)
-    loss, g, _ = coefficient_gradient(model, centre, dirs, w.detach(), names, buffers, x, y, precision="fp32")
+    loss, g, _ = coefficient_gradient(model, centre, dirs, w.detach(), names, buffers, x, y, precision="fp32",
+                                      pieces=pieces)
     (grad,) = torch.autograd.grad(w, param, g)
     torch.testing.assert_close(loss, loss_ref.detach())
     torch.testing.assert_close(grad, grad_ref, rtol=1e-9, atol=1e-12)
@@ -186,6 +189,27 @@ def test_combine_is_centre_plus_weighted_directions():
     d = {"a": torch.arange(6.0).view(2, 3)}
     out = combine({"a": torch.ones(3)}, d, torch.tensor([[2.0], [-1.0]]), ["a"])
     torch.testing.assert_close(out["a"], torch.ones(3) + 2 * d["a"][0] - d["a"][1])
+
+
+def test_the_soup_and_the_projections_do_not_depend_on_how_the_models_are_split(monkeypatch):
+    """What lets W ranks learn one process's coefficients bit for bit: the soup summed as the all-reduce does
+    (partial float64 sums over any split of the rows, added) and each row's projection, computed with any
+    other rows or in chunks of any size, round to the same float32 values as the unsplit computation."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 5003, generator=gen) * torch.logspace(-3, 1, 7)[:, None]   # mixed magnitudes
+    w, v = torch.randn(7, generator=gen), torch.randn(5003, generator=gen)
+    whole = learned._weighted_rows64(rows, w).float()
+    projections = learned._project_rows64(rows, v).float()
+    squares = learned._row_squares64(rows).float()
+    for chunk in (learned.CHUNK_ELEMENTS, 5003, 2 * 5003 + 1, 64):     # the whole stack, 1, 2 and 1 row a chunk
+        monkeypatch.setattr(learned, "CHUNK_ELEMENTS", chunk)
+        for k in range(8):
+            parts = learned._weighted_rows64(rows[:k], w[:k]) + learned._weighted_rows64(rows[k:], w[k:])
+            assert torch.equal(parts.float(), whole), (chunk, k)
+            split = torch.cat([learned._project_rows64(rows[:k], v), learned._project_rows64(rows[k:], v)])
+            assert torch.equal(split.float(), projections), (chunk, k)
+            assert torch.equal(torch.cat([learned._row_squares64(rows[:k]), learned._row_squares64(rows[k:])]
+                                         ).float(), squares), (chunk, k)
 
 
 # ---------------------------------------------------------------------------------- the official code's protocol

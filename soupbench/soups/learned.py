@@ -26,15 +26,25 @@ weights (`logit_scale: learned`) at a constant lr (`schedule: constant`) without
 Across GPUs (`distributed: auto` with an initialised torch.distributed group of W > 1 processes), for blocks
 of directions that do not fit one device, as MEHL_soup_layer.py does: each rank loads only its contiguous
 share of the block's models (`World.share`, the official `parts`); the soup θ = c + Σ_i w_i d_i is the
-all-reduced sum of every rank's partial Σ over its own directions; every rank runs the soup on its shard of
-each held-out batch and the gradients are all-reduced (the official code's DDP over a DistributedSampler), so
-each rank projects the whole batch's ∇θL onto its own directions. Two deliberate differences, both so that W
-ranks give the coefficients of one process (tested with gloo on the CPU): the shards' losses are sums divided
-by the batch size (DDP averages the shards' means and DistributedSampler pads them with repeated images), and
-every rank keeps all of the block's coefficients and their optimiser, summing the rows of ∂L/∂w from the
-ranks (a few numbers per model) where the official code keeps only its own rows: the softmax of learned
-soup(+) spans all models, and clipping ∂L/∂α needs them all. Only rank 0 writes the progress files; it reads
-them on resume and sends the state to the others.
+all-reduced sum of every rank's partial Σ over its own directions, and each rank projects ∇θL onto its own
+directions. W ranks give one process's coefficients and soup bit for bit (tested with gloo on the CPU, at one
+thread per process), which takes three departures from the official code. Any float noise matters: Adam
+divides each coefficient's step by its gradient's running RMS, so a near-zero gradient's sign noise moves a
+coefficient by up to lr; on the tiny preset's learned_plus the split batch alone, or float32 ∂L/∂w alone, made
+two ranks' coefficients differ from one process's by up to 6.7e-5.
+(1) Every rank runs the soup on the whole held-out batch, where the official code splits it with DDP over a
+DistributedSampler: the shards' summed gradients differ from the whole batch's in float order. So by default
+the forward/backward is not split over the ranks (the validation batches are, whole batches per rank);
+`batch_pieces: P` cuts every batch into P pieces spread over the ranks, their gradients added in float64
+(P >= W splits the forward/backward as DDP does): the coefficients then depend on P, never on W.
+(2) Every float sum whose terms the ranks split is taken in float64 and rounded once, in one process too:
+∂L/∂w (a row of a float32 GEMV depends on the rows beside it), the soup (float32 alone: 6.6e-7), the block's
+mean and the directions' norms. A product of two float32 numbers is exact in float64, so the rounded value
+does not depend on the split barring a tie at float64 precision.
+(3) Every rank keeps all of the block's coefficients and their optimiser, assembling the rows of ∂L/∂w from
+the ranks (`World.rows`, a few numbers per model) where the official code keeps only its own rows: the
+softmax of learned soup(+) spans all models, and clipping ∂L/∂α needs them all.
+Only rank 0 writes the progress files; it reads them on resume and sends the state to the others.
 
 Buffers (BatchNorm running statistics) are not learned: they come from the centre (affine) or the uniform
 mean of the block (simplex); re-estimate them on training data with `bn_recalibration` where they matter.
@@ -87,71 +97,90 @@ def coefficient_groups(numels: list[int], granularity: str, layer_size: int = 0)
 
 def combine(centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor],
             weights: torch.Tensor, names: list[str], ranks: World = SINGLE) -> dict[str, torch.Tensor]:
-    """θ_l = c_l + w[:, l] @ D_l for every learnable tensor (D_l: (b, *shape)); one allocation per tensor.
-    Across ranks each holds some rows of D and w: its partial sums are all-reduced, then c is added."""
-    if ranks.distributed:
-        out = combine(None, directions, weights, names)
-        ranks.sum_(out.values())
-        if centre is not None:
-            for n in names:
-                out[n].add_(centre[n])
-        return out
+    """θ_l = c_l + w[:, l] @ D_l for every learnable tensor (D_l: (b, *shape)), summed in float64 and rounded
+    once to D_l's dtype. A product of two float32 numbers is exact in float64, so the rounded soup is the same
+    however the rows are split (over ranks, or into chunks) barring a tie at float64 precision: W ranks build
+    one process's soup bit for bit. Across ranks each holds some rows of D and w; its float64 partial sums are
+    all-reduced, then c is added. Transient memory: one float64 copy of a tensor, or of a 4M-element chunk."""
     out = {}
     for j, n in enumerate(names):
         d = directions[n]
-        w = weights[:, j].to(d.dtype)
-        if centre is None:
-            out[n] = torch.mv(d.flatten(1).t(), w).view(d.shape[1:])
-        else:
-            out[n] = torch.addmv(centre[n].flatten(), d.flatten(1).t(), w).view(d.shape[1:])
+        acc = _weighted_rows64(d.flatten(1), weights[:, j])
+        ranks.sum_([acc])
+        if centre is not None:
+            acc.add_(centre[n].flatten())
+        out[n] = acc.to(d.dtype).view(d.shape[1:])
     return out
+
+
+CHUNK_ELEMENTS = 1 << 22    # float64 working copies of directions are made this many elements (or a row) at a time
+
+
+def _row_chunks(rows: torch.Tensor) -> list[slice]:
+    """Slices of the rows of a 2-D tensor, each about CHUNK_ELEMENTS elements (at least one row)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    return [slice(i, i + step) for i in range(0, rows.shape[0], step)]
+
+
+def _weighted_rows64(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i rows_i in float64 (rows: (r, n)); zeros for r = 0 (a rank without models in the block)."""
+    acc = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
+    w64 = w.to(device=rows.device, dtype=torch.float64)
+    for c in _row_chunks(rows):
+        acc.addmv_(rows[c].t().double(), w64[c])
+    return acc
+
+
+def _project_rows64(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """<rows_i, v> in float64 for every row (rows: (r, n), v: (n,)): a row's dot product does not depend on
+    which other rows are projected with it, up to float64 rounding."""
+    v64 = v.flatten().double()
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=rows.device)
+    return torch.cat([rows[c].double() @ v64 for c in _row_chunks(rows)])
 
 
 def coefficient_gradient(model: torch.nn.Module, centre: Mapping[str, torch.Tensor] | None,
                          directions: Mapping[str, torch.Tensor], weights: torch.Tensor, names: list[str],
                          buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                          precision: str = "auto", clip_model_grad: float | None = None,
-                         logit_scale: torch.Tensor | None = None, ranks: World = SINGLE,
-                         batch_total: int | None = None
+                         logit_scale: torch.Tensor | None = None, ranks: World = SINGLE, pieces: int = 1
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss, G = ∂L/∂w (b × L) and ∂L/∂(logit scale) from one forward/backward of the single soup model.
 
     `clip_model_grad` rescales ∇θL to at most that global norm before it is projected (MEHL-Soup's
     clip_grad_norm_ on the model); the factor is applied to the projections, which is the same by linearity
     and costs no second pass. The soup's tensors are fresh leaves, not views of one flat vector (taking the
-    gradient through views of one flat vector was 3x slower per step on a ViT-B/32).
+    gradient through views of one flat vector was 3x slower per step on a ViT-B/32). The projections are
+    float64 dot products rounded once to the directions' dtype, so a row of G does not depend on the other rows.
 
-    Across ranks (MEHL_soup_layer.py's DDP scheme): `directions` and `weights` are this rank's rows, (x, y)
-    its shard of a batch of `batch_total` images; the soup is all-reduced, each rank back-propagates the sum
-    of its shard's losses / batch_total, and the sum of those gradients over the ranks, ∇θL of the whole
-    batch, is projected onto this rank's directions: G holds this rank's rows."""
+    Across ranks `directions` and `weights` are this rank's rows: the soup is all-reduced, every rank runs the
+    whole batch (x, y) on it, which gives every rank one process's loss and ∇θL, and projects ∇θL onto its own
+    directions: G holds this rank's rows. `pieces` > 1 cuts the batch into that many pieces, spread over the
+    ranks (`_pieces_gradient`): the same loss and ∇θL for any number of ranks, the forward/backward split."""
     with torch.no_grad():
         theta = {n: t.requires_grad_(True)
                  for n, t in like_model(model, combine(centre, directions, weights, names, ranks)).items()}
     leaves = [theta[n] for n in names] + ([logit_scale] if logit_scale is not None else [])
-    loss, grads = _model_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale,
-                                  batch_total if ranks.distributed else None)
-    if ranks.distributed:
-        ranks.sum_([loss, *grads])
+    if pieces > 1:
+        loss, grads = _pieces_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale, pieces, ranks)
+    else:
+        loss, grads = _model_gradient(model, buffers, theta, leaves, x, y, precision, logit_scale)
     scale_grad = grads[-1] if logit_scale is not None else None
     grads = grads[:len(names)]
-    g = torch.stack([directions[n].flatten(1) @ gr.flatten().to(directions[n].dtype)
-                     for n, gr in zip(names, grads, strict=True)], dim=1)
+    g = torch.stack([_project_rows64(directions[n].flatten(1), gr) for n, gr in zip(names, grads, strict=True)],
+                    dim=1)
     if clip_model_grad:
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(gr.float()) for gr in grads]))
         g = g * (clip_model_grad / (total + 1e-6)).clamp(max=1.0).to(g.dtype)   # torch's clip_grad_norm_ rule
-    return loss, g, scale_grad
+    return loss, g.to(directions[names[0]].dtype), scale_grad
 
 
 def _model_gradient(model: torch.nn.Module, buffers: Mapping[str, torch.Tensor], theta: dict[str, torch.Tensor],
                     leaves: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, precision: str,
-                    logit_scale: torch.Tensor | None, batch_total: int | None) -> tuple[torch.Tensor, list]:
+                    logit_scale: torch.Tensor | None, batch_total: int | None = None) -> tuple[torch.Tensor, list]:
     """(loss, ∂loss/∂leaves) of the soup on (x, y): the mean cross-entropy, or with `batch_total` the sum over
-    this shard / batch_total (the shards' losses then add up to the batch's mean). An empty shard (the last
-    batch of an epoch may hold fewer images than there are ranks) gives zeros without a forward pass."""
-    if len(y) == 0:     # contiguous like the other ranks' gradients: all_reduce adds raw memory, not strides
-        return (torch.zeros((), device=y.device, dtype=leaves[0].dtype),
-                [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in leaves])
+    (x, y) / batch_total (a piece of a batch of that many images)."""
     with autocast(x.device, precision):
         logits = functional_call(model, {**buffers, **theta}, (x,), strict=False)
     if logits.dtype in (torch.bfloat16, torch.float16):
@@ -164,6 +193,28 @@ def _model_gradient(model: torch.nn.Module, buffers: Mapping[str, torch.Tensor],
         loss = F.cross_entropy(logits, y, reduction="sum") / batch_total
     grads = [g.contiguous() for g in torch.autograd.grad(loss, leaves)]
     return loss.detach(), grads
+
+
+def _pieces_gradient(model: torch.nn.Module, buffers: Mapping[str, torch.Tensor], theta: dict[str, torch.Tensor],
+                     leaves: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, precision: str,
+                     logit_scale: torch.Tensor | None, pieces: int, ranks: World) -> tuple[torch.Tensor, list]:
+    """(loss, ∂loss/∂leaves) of the whole batch from `pieces` contiguous pieces of it, cut the same way for any
+    number of ranks: each rank runs its share of the pieces, and their losses and gradients are added up in
+    float64 over the pieces and the ranks, then rounded once. A piece's gradient does not depend on which rank
+    runs it, so the result depends on `pieces`, never on the ranks (barring a tie at float64 precision)."""
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    acc = [torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in leaves]
+    for j in range(pieces)[ranks.share(pieces)]:
+        part = World(j, pieces).share(len(y))
+        if part.stop == part.start:                  # fewer images than pieces
+            continue
+        piece_loss, grads = _model_gradient(model, buffers, theta, leaves, x[part], y[part], precision, logit_scale,
+                                            len(y))
+        loss += piece_loss
+        for a, g in zip(acc, grads, strict=True):
+            a.add_(g)
+    ranks.sum_([loss, *acc])
+    return loss.to(leaves[0].dtype), [a.to(t.dtype) for a, t in zip(acc, leaves, strict=True)]
 
 
 def coefficient_weights(param: torch.Tensor, parameterisation: str, group_of: torch.Tensor | int,
@@ -183,20 +234,20 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
                buffers: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, parameterisation: str,
                temperature: float, max_grad_norm: float | None, clip: str = "model", precision: str = "auto",
                group_of: torch.Tensor | int | None = None, logit_scale: torch.Tensor | None = None,
-               coef_l2: float = 0.0, ranks: World = SINGLE, batch_total: int | None = None) -> torch.Tensor:
+               coef_l2: float = 0.0, ranks: World = SINGLE, pieces: int = 1) -> torch.Tensor:
     """One optimiser step on the block's coefficients (and the logit scale, when learned): what the benchmark
     times. `coef_l2` adds λ·Σ param² to the loss, pulling the coefficients toward 0: the centre (affine) or the
     uniform soup (simplex). Returns the loss on the device, so the caller decides when to synchronise.
 
     Across ranks every rank holds all of the block's coefficients and steps them identically: only the rows
-    of ∂L/∂w for its own directions are computed here, and the full b × L is summed from every rank's rows
-    (a few numbers per model). The softmax over all models (simplex), the clipping of ∂L/∂α and AdamW then
-    see exactly what one process sees."""
+    of ∂L/∂w for its own directions are computed here, and the full b × L is assembled from every rank's rows
+    (zeros plus one value per slot: exact). The softmax over all models (simplex), the clipping of ∂L/∂α and
+    AdamW then see exactly what one process sees."""
     w = coefficient_weights(param, parameterisation, len(names) if group_of is None else group_of, temperature)
     mine = ranks.share(len(param))
     loss, g, scale_grad = coefficient_gradient(model, centre, directions, w.detach()[mine], names, buffers, x, y,
                                                precision, max_grad_norm if clip == "model" else None, logit_scale,
-                                               ranks, batch_total)
+                                               ranks, pieces)
     g = ranks.rows(g, len(param))
     opt.zero_grad(set_to_none=True)
     w.backward(g.to(w.dtype))
@@ -215,15 +266,17 @@ def validation_loss(model: torch.nn.Module, centre: Mapping[str, torch.Tensor] |
                     directions: Mapping[str, torch.Tensor], weights: torch.Tensor, names: list[str],
                     buffers: Mapping[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                     precision: str, logit_scale: torch.Tensor | None, ranks: World = SINGLE) -> float:
-    """Mean cross-entropy of the soup with these weights on the engine's internal validation images (across
-    ranks: `directions` and `weights` are this rank's rows, each rank scores its share of the images)."""
+    """Mean cross-entropy of the soup with these weights on the engine's internal validation images. The images
+    are cut into batches of `batch_size` whatever the number of ranks, and each rank scores its share of the
+    batches (across ranks `directions` and `weights` are this rank's rows). The batches' float32 sums of losses
+    add up exactly in float64 while they lie within a factor 2^29 of each other, so W ranks give one process's
+    value bit for bit."""
     theta = like_model(model, {**buffers, **combine(centre, directions, weights, names, ranks)})
     dev = next(iter(theta.values())).device
-    part = ranks.share(len(labels))
-    mine_x, mine_y = images[part], labels[part]
+    starts = range(0, len(labels), batch_size)
     total = torch.zeros((), dtype=torch.float64, device=dev)
-    for i in range(0, len(mine_y), batch_size):
-        x, y = mine_x[i:i + batch_size].to(dev), mine_y[i:i + batch_size].to(dev)
+    for i in starts[ranks.share(len(starts))]:
+        x, y = images[i:i + batch_size].to(dev), labels[i:i + batch_size].to(dev)
         with autocast(dev, precision):
             logits = functional_call(model, theta, (x,), strict=False).float()
         if logit_scale is not None:
@@ -271,8 +324,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
           batch_size: int = 128, lr: float = 0.01, weight_decay: float = 0.0, schedule: str = "cosine",
           warmup_frac: float = 0.2, max_grad_norm: float | None = 1.0, clip: str = "model",
           logit_scale: str = "fixed", temperature: float = 1.0, init: float = 0.0, coef_l2: float = 0.0,
-          val_fraction: float = 0.0, seed: int = 0, distributed: str = "auto", model_order: str = "torch"
-          ) -> SoupResult:
+          val_fraction: float = 0.0, seed: int = 0, distributed: str = "auto", model_order: str = "torch",
+          batch_pieces: int = 1) -> SoupResult:
     """See the module docstring. With few held-out images the layer-wise variants fit thousands of coefficients
     and overfit; three settings counter that: coarser groups (`layer_size`), `coef_l2` toward the centre, and
     `val_fraction`: that share of the held-out images is kept out of the inner steps, and each block keeps the
@@ -293,6 +346,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         raise ConfigError(f"block_size={block_size}: must be >= 1")
     if num_passes < 1:
         raise ConfigError(f"num_passes={num_passes}: must be >= 1")
+    if batch_pieces < 1:
+        raise ConfigError(f"batch_pieces={batch_pieces}: must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
     if parameterisation == "simplex" and (b < K or num_passes > 1):
@@ -312,6 +367,8 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
                     init=init, coef_l2=coef_l2, val_fraction=val_fraction, seed=seed)
     if model_order != "torch":                 # in the key only when set: earlier resume states stay valid
         settings["model_order"] = model_order
+    if batch_pieces != 1:
+        settings["batch_pieces"] = batch_pieces
     key = hash_settings({"settings": settings, "ingredients": [g.fingerprint for g in ctx.ingredients],
                          "data": ctx.data_key, "precision": ctx.precision})
     dev = ctx.device
@@ -358,12 +415,11 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
         for epoch in range(epochs):
             perm = fit_idx[torch.randperm(len(fit_idx), generator=gen).to(heldout_x.device)]
             for i, stop in cuts:
-                idx = perm[i:stop]
-                shard = idx[ranks.share(len(idx))]       # this rank's images of the batch (all of them alone)
-                x, y = heldout_x[shard].to(dev, non_blocking=True), heldout_y[shard].to(dev, non_blocking=True)
+                idx = perm[i:stop]                       # every rank holds the whole batch
+                x, y = heldout_x[idx].to(dev, non_blocking=True), heldout_y[idx].to(dev, non_blocking=True)
                 loss = inner_step(ctx.model, param, opt, centre_state, directions, names, buffers, x, y,
                                   parameterisation, temperature, max_grad_norm, clip, ctx.precision, group_of, scale,
-                                  coef_l2, ranks, len(idx))
+                                  coef_l2, ranks, batch_pieces)
                 sched.step()
                 block_losses.append(loss)
             if num_val:
@@ -471,10 +527,10 @@ def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], param
     `norms` comes back for the whole block. `like` (a state dict of the block's keys, shapes and dtypes, e.g.
     the start) and `device` shape what a rank without models contributes."""
     def mean(parts: list[dict[str, torch.Tensor]], skip: set[str]) -> dict[str, torch.Tensor]:
-        parts = [{k: v for k, v in s.items() if k not in skip} for s in parts] if skip else parts
         if not ranks.distributed:
-            return _mean(parts)
-        return _mean_across(parts, [k for k in like if k not in skip], ranks, size, like, device)
+            return _mean(parts, [k for k in parts[0] if k not in skip], SINGLE, len(parts), parts[0],
+                         parts[0][next(iter(parts[0]))].device)
+        return _mean(parts, [k for k in like if k not in skip], ranks, size, like, device)
 
     def stack(centre: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return _stack_directions(states, names, centre, like, device)
@@ -489,11 +545,12 @@ def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], param
     norms = None
     if normalize:
         groups = list(range(len(names))) if groups is None else groups
-        sq = torch.stack([directions[n].flatten(1).norm(dim=1).double().square() for n in names], dim=1)  # b × L
+        sq = torch.stack([_row_squares64(directions[n].flatten(1)) for n in names], dim=1)          # b × L
         # (a norm per row, no copy of the block: the block's directions are the engine's whole memory)
         index = torch.tensor(groups, device=sq.device)
         group_sq = torch.zeros(sq.shape[0], max(groups) + 1, dtype=sq.dtype, device=sq.device).index_add_(1, index, sq)
-        norms = group_sq.sqrt().clamp_min(1e-12)[:, index]                                            # b × L
+        # rounded to float32, the divisors the directions get, the same for a model whichever rank holds it
+        norms = group_sq.sqrt().clamp_min(1e-12)[:, index].float().double()                          # b × L
         for j, n in enumerate(names):
             d = directions[n]
             d.div_(norms[:, j].to(d.dtype).view(-1, *[1] * (d.ndim - 1)))
@@ -519,36 +576,35 @@ def _stack_directions(states: list[dict[str, torch.Tensor]], names: list[str],
     return out
 
 
-def _mean(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in states[0].items():
-        if is_averaged(v):
-            acc = v.clone()
-            for s in states[1:]:
-                acc.add_(s[k])
-            out[k] = acc.div_(len(states))
-        else:
-            out[k] = v
-    return out
+def _row_squares64(rows: torch.Tensor) -> torch.Tensor:
+    """Σ_j rows_ij² in float64 for every row, chunk by chunk (no float64 copy of the whole stack)."""
+    if rows.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=rows.device)
+    return torch.cat([torch.linalg.vector_norm(rows[c], dim=1, dtype=torch.float64).square()
+                      for c in _row_chunks(rows)])
 
 
-def _mean_across(states: list[dict[str, torch.Tensor]], keys: list[str], ranks: World, count: int,
-                 like: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """`_mean` of a block whose `count` states are split over the ranks: each rank sums its own, the sums are
-    all-reduced; integer tensors come from rank 0, which holds the block's first model."""
-    out = {}
+def _mean(states: list[dict[str, torch.Tensor]], keys: list[str], ranks: World, count: int,
+          like: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Mean of a block's `count` states (across ranks: this rank's share of them), key by key: floating-point
+    tensors summed in float64 (over the ranks too), divided, then rounded once, so the mean does not depend on
+    how the block is split; integer tensors are the block's first model's (rank 0 holds it)."""
+    out, first = {}, []
     for k in keys:
         t = like[k]
         if is_averaged(t):
-            acc = torch.zeros(t.shape, dtype=t.dtype, device=device)
+            acc = torch.zeros(t.shape, dtype=torch.float64, device=device)
             for s in states:
                 acc.add_(s[k])
-            out[k] = acc
+            ranks.sum_([acc])
+            out[k] = acc.div_(count).to(t.dtype)
+        elif not ranks.distributed:
+            out[k] = states[0][k]
         else:
             out[k] = states[0][k].clone() if ranks.main else torch.empty(t.shape, dtype=t.dtype, device=device)
-    ranks.sum_(v for v in out.values() if is_averaged(v))
-    ranks.broadcast_(v for v in out.values() if not is_averaged(v))
-    return {k: v.div_(count) if is_averaged(v) else v for k, v in out.items()}
+            first.append(out[k])
+    ranks.broadcast_(first)
+    return out
 
 
 def _state_paths(ctx: SoupContext):
