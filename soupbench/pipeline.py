@@ -8,6 +8,8 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from soupbench.names import nfc, show_all
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
+from soupbench.sharding import score_missing
 from soupbench.soups.context import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
@@ -576,17 +579,31 @@ class Run:
         write_json(self.layout.results(), results)
         return results
 
+    def evaluated_weights(self, ingredients: list[Ingredient]) -> Iterator[tuple[str, Callable[[], dict]]]:
+        """(fingerprint, load) of every weights the evaluate stage scores, in its order, lazily: what
+        `sharding.score_missing` scores over the ranks before rank 0 runs the stage on the stored scores."""
+        by_id = {g.id: g for g in ingredients}
+        yield from ((g.fingerprint, g.load) for g in ingredients)
+        for name in selected_soups(self.cfg):
+            if not (meta_path := self.layout.soup_meta(name)).is_file():
+                continue                                    # the evaluate stage names it
+            meta = read_json(meta_path)
+            if meta["kind"] == "weights":
+                yield meta["fingerprint"], partial(load_verified, self.layout.soup_weights(name), meta["fingerprint"])
+            yield from ((fingerprint(state), partial(dict, state)) for _, state in self.wise_ft_states(meta, by_id))
+
+    def wise_ft_states(self, meta: dict, by_id: dict[str, Ingredient]) -> Iterator[tuple[float, dict]]:
+        """A WiSE-FT soup's curve, (α, state) one at a time (soups.wise_ft.curve_states)."""
+        from soupbench.soups.wise_ft import curve_states
+
+        return curve_states(self.base, meta, lambda gid: by_id[gid].load(),
+                            lambda soup: load_weights(self.layout.soup_weights(soup)))
+
     def wise_ft_curve(self, meta: dict, by_id: dict[str, Ingredient]) -> list[dict]:
         """WiSE-FT as its paper reports it (wise-ft src/wise_ft.py evaluates every α): the accuracy of
         (1 − α)·θ0 + α·θ_target on every split for each α of the grid, scored and cached like any weights."""
-        from soupbench.soups.wise_ft import interpolate, target_weights
-
-        info = meta["info"]
-        theta = target_weights(info["target"], meta["members"], lambda gid: by_id[gid].load(),
-                               lambda soup: load_weights(self.layout.soup_weights(soup)))
         out = []
-        for a in info["curve_alphas"]:
-            state = interpolate(self.base, theta, a)
+        for a, state in self.wise_ft_states(meta, by_id):
             fp = fingerprint(state)
             accs = {}
             for s, split in self.evaluator.splits.items():
@@ -697,7 +714,8 @@ def run(cfg: DictConfig) -> dict | None:
                 distributed.inject_fault("soup")
                 run_.soup_stage(ingredients)
             if "evaluate" in stages:
-                distributed.inject_fault("evaluate")
+                distributed.inject_fault("evaluate")        # the forward passes over every rank, then rank 0's stage
+                score_missing(world, run_.evaluator, lambda: run_.evaluated_weights(ingredients), run_.device)
                 results = world.on_first(lambda: run_.evaluate_stage(ingredients))
             if "report" in stages:
                 distributed.inject_fault("report")
