@@ -45,7 +45,7 @@ from soupbench.names import nfc, show_all
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
-from soupbench.sharding import score_missing
+from soupbench.sharding import built_by_every_rank, score_missing, sharded_accuracy
 from soupbench.soups.context import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
@@ -391,6 +391,21 @@ class Run:
             log.warning("start check: %s", self.start_problem)
 
     def selected_ingredients(self) -> list[Ingredient]:
+        chosen = self.chosen_ingredients()
+        for g in chosen:
+            self.heldout_acc(g)
+        chosen = restrict(chosen, self.cfg.ingredients.limit, self.cfg.ingredients.exclude_top)
+        check_compatible(chosen, self.base)
+        self.check_start(chosen)
+        return chosen
+
+    def unranked(self) -> Iterator[tuple[str, Callable[[], dict]]]:
+        """(fingerprint, load) of the chosen ingredients whose held-out accuracy on this data is not recorded."""
+        return ((g.fingerprint, g.load) for g in self.chosen_ingredients()
+                if g.meta.get("heldout_data_key") != self.data_key)
+
+    def chosen_ingredients(self) -> list[Ingredient]:
+        """The finished ingredients `ingredients.select` names, before ranking and restriction."""
         found = {g.id: g for g in list_ingredients(self.ingredient_dir)}     # ids in NFC (list_ingredients)
         select = self.cfg.ingredients.select
         if select == "all":
@@ -405,11 +420,6 @@ class Run:
             chosen = [found[gid] for gid in ids]
         else:
             raise ConfigError(f"ingredients.select={select!r}: expected config or all")
-        for g in chosen:
-            self.heldout_acc(g)
-        chosen = restrict(chosen, self.cfg.ingredients.limit, self.cfg.ingredients.exclude_top)
-        check_compatible(chosen, self.base)
-        self.check_start(chosen)
         return chosen
 
     # ------------------------------------------------------------------------------------------ soups
@@ -442,26 +452,29 @@ class Run:
                 continue
             faults.set_stage(f"soup {name}")
             faults.point(f"soup.{name}.start")
-            if self.world.distributed and scfg.get("distributed") == "auto":
-                # learned soups: every rank holds its share of each block (soupbench.soups.learned); rank 0
-                # writes, the others wait for what it wrote
-                meta = self.make_soup(name, scfg, settings, key, ingredients, built, bn)
+            if built_by_every_rank(self.world, scfg):
+                # learned soups: every rank holds its share of each block (soupbench.soups.learned); greedy,
+                # WiSE-FT: every held-out pass sharded over the ranks; rank 0 writes, the others wait for it
+                meta = self.make_soup(name, scfg, settings, key, ingredients, built, bn, everywhere=True)
                 built[name] = self.world.on_first(lambda meta=meta: meta)
             else:                                   # one process's work: rank 0 builds it, the others wait
                 built[name] = self.world.on_first(lambda name=name, scfg=scfg, settings=settings, key=key: (
                     self.make_soup(name, scfg, settings, key, ingredients, built, bn)))
 
     def make_soup(self, name: str, scfg: DictConfig, settings: dict, key: str, ingredients: list[Ingredient],
-                  built: dict[str, dict], bn: dict) -> dict:
-        """Build soup `name`; rank 0 saves it (weights, meta, exports). Returns its meta."""
+                  built: dict[str, dict], bn: dict, everywhere: bool = False) -> dict:
+        """Build soup `name` (`everywhere`: on every rank together, held-out passes sharded and stored scores
+        rank 0's); rank 0 saves it (weights, meta, exports). Returns its meta."""
         meta_path = self.layout.soup_meta(name)
         make_soup = build(scfg)
         used: dict[str, str] = {}
         ctx = SoupContext(
             ingredients=ingredients, base=self.base, start_problem=self.start_problem, heldout=self.data.heldout,
             model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
-            heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
-            ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
+            heldout_accuracy=partial(sharded_accuracy, self.world, self.evaluator, "heldout") if everywhere else
+            lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
+            ingredient_scores=(lambda g, s: self.world.on_first(lambda: self.ingredient_scores(g, s))) if everywhere
+            else self.ingredient_scores, progress=self.progress and self.world.main, data_key=self.data_key,
             precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
             earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used),
             name=name)
@@ -705,7 +718,8 @@ def run(cfg: DictConfig) -> dict | None:
         # own settings; the ranks of one job share the lock's holder (rank 0 takes it, the others follow it)
         lock = file_lock(run_.layout.root / ".run.lock") if needs_soup and world.main else contextlib.nullcontext()
         with lock:
-            if needs_soup:  # rank 0 ranks them (scoring any held-out not yet stored); every rank gets its list
+            if needs_soup:  # every rank scores held-outs not yet stored, rank 0 ranks them, every rank gets its list
+                score_missing(world, run_.evaluator, run_.unranked, run_.device, ["heldout"])
                 ingredients, run_.start_problem = world.on_first(lambda: (run_.selected_ingredients(),
                                                                           run_.start_problem))
             else:

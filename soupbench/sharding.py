@@ -23,10 +23,13 @@ import torch
 import torch.distributed as dist
 
 from soupbench.distributed import RankFailed, World
-from soupbench.evaluate import Evaluator
+from soupbench.evaluate import Evaluator, accuracy
 
 log = logging.getLogger("soupbench")
 Weights = Iterable[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]]    # (fingerprint, load) pairs
+# one all-gather into a single tensor: all_gather_single where torch has it (2.14.1 does, and warns that
+# all_gather_into_tensor is deprecated), else all_gather_into_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def batch_share(world: World, n: int, batch_size: int) -> slice:
@@ -60,7 +63,7 @@ def agree(world: World, error: BaseException | None) -> None:
 
 def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
     """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its `batch_share`. Each rank pads
-    its rows to the longest share, one all_gather_into_tensor moves them, and the padding is cut away."""
+    its rows to the longest share, one all-gather into a single tensor moves them, and the padding is cut away."""
     if not world.distributed:
         return local
     sizes = [len(range(*batch_share(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
@@ -70,7 +73,7 @@ def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int) -> t
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[:len(local)] = local
     out = torch.empty((world.size * longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    dist.all_gather_into_tensor(out, padded)
+    _ALL_GATHER(out, padded)
     return torch.cat([out[r * longest:r * longest + s] for r, s in enumerate(sizes)]).cpu()
 
 
@@ -148,3 +151,20 @@ def score_missing(world: World, evaluator: Evaluator, weights: Callable[[], Weig
 def _store(evaluator: Evaluator, fp: str, split: str, rows: torch.Tensor) -> None:
     """Rank 0's write of gathered rows; nothing goes back to the other ranks but success or the error."""
     evaluator.store(fp, split, [rows])
+
+
+# soups whose only forward passes are held-out passes of whole states (greedy's candidates, WiSE-FT's α grid):
+# under torch.distributed every rank builds them together, each pass sharded (`sharded_accuracy`)
+HELDOUT_PASS_SOUPS = ("soupbench.soups.greedy.build", "soupbench.soups.wise_ft.build")
+
+
+def built_by_every_rank(world: World, scfg: Mapping) -> bool:
+    """Does every rank build soup `scfg` together: the learned soups (`distributed: auto`, their blocks split
+    over the ranks) and HELDOUT_PASS_SOUPS; any other soup is rank 0's alone (`World.on_first`)."""
+    return world.distributed and (scfg.get("distributed") == "auto" or scfg.get("_target_") in HELDOUT_PASS_SOUPS)
+
+
+def sharded_accuracy(world: World, evaluator: Evaluator, split: str, state: Mapping[str, torch.Tensor]) -> float:
+    """Top-1 accuracy (percent) of `state` on `split` from `sharded_scores`: the same number on every rank,
+    so a method that compares it (greedy's acceptance, WiSE-FT's α) decides alike on all of them."""
+    return accuracy(sharded_scores(world, evaluator, state, split), evaluator.splits[split])

@@ -13,7 +13,7 @@ from soupbench.distributed import RankFailed, World
 from soupbench.evaluate import Evaluator
 from soupbench.io import fingerprint
 from soupbench.rowfile import MappedRows, write_rows
-from soupbench.sharding import batch_share, score_missing, sharded_scores
+from soupbench.sharding import batch_share, built_by_every_rank, score_missing, sharded_accuracy, sharded_scores
 from tests.helpers import random_split, tiny_model
 
 WORLD, BATCH = 2, 8
@@ -47,6 +47,7 @@ def worker(rank: int, tmp_path) -> None:
     world = World(rank, WORLD, rank)
     ev = evaluator(tmp_path, "two")
     rows = {s: sharded_scores(world, ev, states()[0], s) for s in ev.splits}
+    rows["accuracy"] = torch.tensor(sharded_accuracy(world, ev, "grouped", states()[1]), dtype=torch.float64)
     torch.save(rows, tmp_path / f"rows{rank}.pt")
 
     loads = []
@@ -86,10 +87,21 @@ def test_shares_are_whole_batches_and_cover_every_image():
         assert all(s.start % BATCH == 0 for s in shares if s.stop > s.start)
 
 
+def test_greedy_wise_ft_and_learned_soups_are_built_by_every_rank_of_a_job():
+    two, one = World(0, 2), World()
+    assert built_by_every_rank(two, {"_target_": "soupbench.soups.greedy.build"})
+    assert built_by_every_rank(two, {"_target_": "soupbench.soups.wise_ft.build"})
+    assert built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "auto"})
+    assert not built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "off"})
+    assert not built_by_every_rank(two, {"_target_": "soupbench.soups.uniform.build"})
+    assert not built_by_every_rank(one, {"_target_": "soupbench.soups.greedy.build"})
+
+
 def test_every_rank_gets_the_one_process_rows_exactly(two_ranks):
     one = evaluator(two_ranks, "one")
     for rank in range(WORLD):
         rows = torch.load(two_ranks / f"rows{rank}.pt")
+        assert rows.pop("accuracy").item() == one.accuracy(states()[1], "grouped", cache=False)
         assert list(rows) == ["heldout", "test", "grouped"]
         for split, got in rows.items():
             want = one.scores(states()[0], split, cache=False)
