@@ -310,11 +310,13 @@ class Run:
         t0 = time.perf_counter()
         stats = finetune(self.model, self.base, train, hp, seed, settings, self.device, self.progress, desc,
                          checkpoint, self.world)
+        # rank 0's weights (a rank's BatchNorm statistics are its own) scored on held-out by every rank
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.world.main else {}
+        fp = fingerprint(state) if self.world.main else ""
+        score_missing(self.world, self.evaluator, lambda: [(fp, lambda: state)], self.device, ["heldout"])
         if not self.world.main:
             barrier()
             return None
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        fp = fingerprint(state)
         meta = {"hyperparameters": hp, "seed": seed, "fingerprint": fp, "base_fingerprint": self.base_fp,
                 "heldout_acc": self.evaluator.accuracy(state, "heldout", fp), "heldout_data_key": self.data_key,
                 "train_time_s": time.perf_counter() - t0, "num_train_images": len(train),

@@ -12,6 +12,9 @@ disk, so they receive the weights too (`state_from_first`, a broadcast into tens
 of reading files. Every pass ends with an exchange of each rank's error (`agree`) before the rows travel, so an
 error on any rank is raised on every rank instead of leaving the others in a collective until its timeout.
 A single process (`World()`) calls none of this: `score_missing` returns at once.
+
+Memory: every rank holds one split's full rows of one weights at a time (ImageNet val: 50,000 x 1,000 fp16,
+100 MB) and the gather's padded buffer of the same size, on the device under NCCL.
 """
 
 from __future__ import annotations
@@ -154,7 +157,8 @@ def _store(evaluator: Evaluator, fp: str, split: str, rows: torch.Tensor) -> Non
 
 
 # soups whose only forward passes are held-out passes of whole states (greedy's candidates, WiSE-FT's α grid):
-# under torch.distributed every rank builds them together, each pass sharded (`sharded_accuracy`)
+# under torch.distributed every rank builds them together, each pass sharded (`sharded_accuracy`); each rank
+# loads the ingredients (and an earlier soup WiSE-FT starts from) itself, as the learned soups' ranks do
 HELDOUT_PASS_SOUPS = ("soupbench.soups.greedy.build", "soupbench.soups.wise_ft.build")
 
 
