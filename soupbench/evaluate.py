@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -233,17 +234,41 @@ class Evaluator:
         fp = fp or fingerprint(state)
         if (stored := self.cached_score_rows(fp, split)) is not None:
             return stored
+        if self.score_file(fp, split) is None:
+            return torch.cat(list(self._predict(state, split)))
+        return self.store(fp, split, self._predict(state, split))
+
+    def store(self, fp: str, split: str, blocks: Iterable[torch.Tensor]) -> MappedRows:
+        """Write the scores of weights `fp` on `split` (consecutive fp16 row blocks, together every image's) to
+        the store and return them mapped. Needs a store (`cache_dir`)."""
         path = self.score_file(fp, split)
         if path is None:
-            return torch.cat(list(self._predict(state, split)))
+            raise ValueError("Evaluator.store: this evaluator has no cache_dir")
         sp = self.splits[split]
-        columns = len(sp.class_groups) if sp.class_groups is not None else self.data.num_classes
-        write_rows(path, "scores", (len(sp), columns), torch.float16,
-                   self._predict(state, split),
+        write_rows(path, "scores", (len(sp), self.columns(split)), torch.float16, blocks,
                    {"split": split, "fingerprint": fp, "columns": "class_groups" if sp.class_groups else "all"})
         release_host_memory()
         faults.point("evaluate.scores")
         return MappedRows(path, "scores")
+
+    def columns(self, split: str) -> int:
+        """How many scores per image `split` keeps: its class groups', else every class's."""
+        groups = self.splits[split].class_groups
+        return len(groups) if groups is not None else self.data.num_classes
+
+    def predict_rows(self, state: Mapping[str, torch.Tensor], split: str, rows: slice) -> torch.Tensor:
+        """fp16 scores (len(rows), columns) of images `rows` of `split` (contiguous, step 1), in memory: one
+        rank's share of a sharded pass (soupbench.sharding). No progress bar: rank 0 logs the pass."""
+        images = self.images(split)
+        start, stop = max(0, rows.start), min(len(images), rows.stop)
+        share = images.select(np.arange(start, stop)) if isinstance(images, MappedRows) else images[start:stop]
+        empty = torch.empty((0, self.columns(split)), dtype=torch.float16)
+        if not len(share):
+            return empty
+        state = to_device(state, self.device)
+        blocks = predict_chunks(self.model, share, self.batch_size, self.device, state, precision=self.precision,
+                                columns=self.splits[split].class_groups, fp16=True)
+        return torch.cat([empty, *blocks])
 
     def scores(self, state: Mapping[str, torch.Tensor], split: str, fp: str | None = None,
                cache: bool = True) -> torch.Tensor:

@@ -8,6 +8,8 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from soupbench.names import nfc, show_all
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
+from soupbench.sharding import built_by_every_rank, score_missing, sharded_accuracy
 from soupbench.soups.context import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
@@ -307,11 +310,13 @@ class Run:
         t0 = time.perf_counter()
         stats = finetune(self.model, self.base, train, hp, seed, settings, self.device, self.progress, desc,
                          checkpoint, self.world)
+        # rank 0's weights (a rank's BatchNorm statistics are its own) scored on held-out by every rank
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.world.main else {}
+        fp = fingerprint(state) if self.world.main else ""
+        score_missing(self.world, self.evaluator, lambda: [(fp, lambda: state)], self.device, ["heldout"])
         if not self.world.main:
             barrier()
             return None
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        fp = fingerprint(state)
         meta = {"hyperparameters": hp, "seed": seed, "fingerprint": fp, "base_fingerprint": self.base_fp,
                 "heldout_acc": self.evaluator.accuracy(state, "heldout", fp), "heldout_data_key": self.data_key,
                 "train_time_s": time.perf_counter() - t0, "num_train_images": len(train),
@@ -388,6 +393,21 @@ class Run:
             log.warning("start check: %s", self.start_problem)
 
     def selected_ingredients(self) -> list[Ingredient]:
+        chosen = self.chosen_ingredients()
+        for g in chosen:
+            self.heldout_acc(g)
+        chosen = restrict(chosen, self.cfg.ingredients.limit, self.cfg.ingredients.exclude_top)
+        check_compatible(chosen, self.base)
+        self.check_start(chosen)
+        return chosen
+
+    def unranked(self) -> Iterator[tuple[str, Callable[[], dict]]]:
+        """(fingerprint, load) of the chosen ingredients whose held-out accuracy on this data is not recorded."""
+        return ((g.fingerprint, g.load) for g in self.chosen_ingredients()
+                if g.meta.get("heldout_data_key") != self.data_key)
+
+    def chosen_ingredients(self) -> list[Ingredient]:
+        """The finished ingredients `ingredients.select` names, before ranking and restriction."""
         found = {g.id: g for g in list_ingredients(self.ingredient_dir)}     # ids in NFC (list_ingredients)
         select = self.cfg.ingredients.select
         if select == "all":
@@ -402,11 +422,6 @@ class Run:
             chosen = [found[gid] for gid in ids]
         else:
             raise ConfigError(f"ingredients.select={select!r}: expected config or all")
-        for g in chosen:
-            self.heldout_acc(g)
-        chosen = restrict(chosen, self.cfg.ingredients.limit, self.cfg.ingredients.exclude_top)
-        check_compatible(chosen, self.base)
-        self.check_start(chosen)
         return chosen
 
     # ------------------------------------------------------------------------------------------ soups
@@ -439,26 +454,29 @@ class Run:
                 continue
             faults.set_stage(f"soup {name}")
             faults.point(f"soup.{name}.start")
-            if self.world.distributed and scfg.get("distributed") == "auto":
-                # learned soups: every rank holds its share of each block (soupbench.soups.learned); rank 0
-                # writes, the others wait for what it wrote
-                meta = self.make_soup(name, scfg, settings, key, ingredients, built, bn)
+            if built_by_every_rank(self.world, scfg):
+                # learned soups: every rank holds its share of each block (soupbench.soups.learned); greedy,
+                # WiSE-FT: every held-out pass sharded over the ranks; rank 0 writes, the others wait for it
+                meta = self.make_soup(name, scfg, settings, key, ingredients, built, bn, everywhere=True)
                 built[name] = self.world.on_first(lambda meta=meta: meta)
             else:                                   # one process's work: rank 0 builds it, the others wait
                 built[name] = self.world.on_first(lambda name=name, scfg=scfg, settings=settings, key=key: (
                     self.make_soup(name, scfg, settings, key, ingredients, built, bn)))
 
     def make_soup(self, name: str, scfg: DictConfig, settings: dict, key: str, ingredients: list[Ingredient],
-                  built: dict[str, dict], bn: dict) -> dict:
-        """Build soup `name`; rank 0 saves it (weights, meta, exports). Returns its meta."""
+                  built: dict[str, dict], bn: dict, everywhere: bool = False) -> dict:
+        """Build soup `name` (`everywhere`: on every rank together, held-out passes sharded and stored scores
+        rank 0's); rank 0 saves it (weights, meta, exports). Returns its meta."""
         meta_path = self.layout.soup_meta(name)
         make_soup = build(scfg)
         used: dict[str, str] = {}
         ctx = SoupContext(
             ingredients=ingredients, base=self.base, start_problem=self.start_problem, heldout=self.data.heldout,
             model=self.model, device=self.device, work_dir=self.layout.soup_work_dir(name),
-            heldout_accuracy=lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
-            ingredient_scores=self.ingredient_scores, progress=self.progress, data_key=self.data_key,
+            heldout_accuracy=partial(sharded_accuracy, self.world, self.evaluator, "heldout") if everywhere else
+            lambda s: self.evaluator.accuracy(s, "heldout", cache=False),
+            ingredient_scores=(lambda g, s: self.world.on_first(lambda: self.ingredient_scores(g, s))) if everywhere
+            else self.ingredient_scores, progress=self.progress and self.world.main, data_key=self.data_key,
             precision=self.cfg.eval.precision, heldout_images=self.evaluator.images("heldout"),
             earlier_soup=lambda wanted, name=name, used=used: self.earlier_soup(built, name, wanted, used),
             name=name)
@@ -576,17 +594,31 @@ class Run:
         write_json(self.layout.results(), results)
         return results
 
+    def evaluated_weights(self, ingredients: list[Ingredient]) -> Iterator[tuple[str, Callable[[], dict]]]:
+        """(fingerprint, load) of every weights the evaluate stage scores, in its order, lazily: what
+        `sharding.score_missing` scores over the ranks before rank 0 runs the stage on the stored scores."""
+        by_id = {g.id: g for g in ingredients}
+        yield from ((g.fingerprint, g.load) for g in ingredients)
+        for name in selected_soups(self.cfg):
+            if not (meta_path := self.layout.soup_meta(name)).is_file():
+                continue                                    # the evaluate stage names it
+            meta = read_json(meta_path)
+            if meta["kind"] == "weights":
+                yield meta["fingerprint"], partial(load_verified, self.layout.soup_weights(name), meta["fingerprint"])
+            yield from ((fingerprint(state), partial(dict, state)) for _, state in self.wise_ft_states(meta, by_id))
+
+    def wise_ft_states(self, meta: dict, by_id: dict[str, Ingredient]) -> Iterator[tuple[float, dict]]:
+        """A WiSE-FT soup's curve, (α, state) one at a time (soups.wise_ft.curve_states)."""
+        from soupbench.soups.wise_ft import curve_states
+
+        return curve_states(self.base, meta, lambda gid: by_id[gid].load(),
+                            lambda soup: load_weights(self.layout.soup_weights(soup)))
+
     def wise_ft_curve(self, meta: dict, by_id: dict[str, Ingredient]) -> list[dict]:
         """WiSE-FT as its paper reports it (wise-ft src/wise_ft.py evaluates every α): the accuracy of
         (1 − α)·θ0 + α·θ_target on every split for each α of the grid, scored and cached like any weights."""
-        from soupbench.soups.wise_ft import interpolate, target_weights
-
-        info = meta["info"]
-        theta = target_weights(info["target"], meta["members"], lambda gid: by_id[gid].load(),
-                               lambda soup: load_weights(self.layout.soup_weights(soup)))
         out = []
-        for a in info["curve_alphas"]:
-            state = interpolate(self.base, theta, a)
+        for a, state in self.wise_ft_states(meta, by_id):
             fp = fingerprint(state)
             accs = {}
             for s, split in self.evaluator.splits.items():
@@ -688,7 +720,8 @@ def run(cfg: DictConfig) -> dict | None:
         # own settings; the ranks of one job share the lock's holder (rank 0 takes it, the others follow it)
         lock = file_lock(run_.layout.root / ".run.lock") if needs_soup and world.main else contextlib.nullcontext()
         with lock:
-            if needs_soup:  # rank 0 ranks them (scoring any held-out not yet stored); every rank gets its list
+            if needs_soup:  # every rank scores held-outs not yet stored, rank 0 ranks them, every rank gets its list
+                score_missing(world, run_.evaluator, run_.unranked, run_.device, ["heldout"])
                 ingredients, run_.start_problem = world.on_first(lambda: (run_.selected_ingredients(),
                                                                           run_.start_problem))
             else:
@@ -697,7 +730,8 @@ def run(cfg: DictConfig) -> dict | None:
                 distributed.inject_fault("soup")
                 run_.soup_stage(ingredients)
             if "evaluate" in stages:
-                distributed.inject_fault("evaluate")
+                distributed.inject_fault("evaluate")        # the forward passes over every rank, then rank 0's stage
+                score_missing(world, run_.evaluator, lambda: run_.evaluated_weights(ingredients), run_.device)
                 results = world.on_first(lambda: run_.evaluate_stage(ingredients))
             if "report" in stages:
                 distributed.inject_fault("report")

@@ -19,7 +19,7 @@ the paper reports.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -44,6 +44,17 @@ def target_weights(target: str, info_members: list[str], load_ingredient, load_s
     """The θ_target a built WiSE-FT soup interpolated toward (for the α curve): the ingredient it named, or
     the earlier soup's saved weights."""
     return load_ingredient(info_members[0]) if target == "best_individual" else load_soup(target)
+
+
+def curve_states(start: Mapping[str, torch.Tensor], meta: dict, load_ingredient, load_soup
+                 ) -> Iterator[tuple[float, dict[str, torch.Tensor]]]:
+    """(α, (1 − α)·θ0 + α·θ_target) for each α of a built soup's curve (`meta`, its record), one state at a
+    time; nothing for a soup without a curve."""
+    info = meta["info"]
+    if not info.get("curve_alphas"):
+        return
+    theta = target_weights(info["target"], meta["members"], load_ingredient, load_soup)
+    yield from ((a, interpolate(start, theta, a)) for a in info["curve_alphas"])
 
 
 def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[float] = DEFAULT_ALPHAS,

@@ -1,0 +1,174 @@
+"""Forward passes sharded over the ranks of a torch.distributed job: each rank scores its contiguous share of a
+split's images, every rank gets the full rows (all_gather, each share padded to the longest), and rank 0 alone
+writes them to the score store.
+
+Shares are cut in whole batches of `eval.batch_size` (`batch_share`): every image is predicted in the same batch,
+at the same position, as one process predicts it, so the rows equal one process's bit for bit even where a
+kernel's result depends on the batch's size (CPU GEMM blocking). A split with fewer batches than ranks leaves
+some ranks an empty share; they send padding only.
+
+What is stored is rank 0's decision (`World.on_first`): in a multi-node job the other ranks may not see rank 0's
+disk, so they receive the weights too (`state_from_first`, a broadcast into tensors of rank 0's shapes) instead
+of reading files. Every pass ends with an exchange of each rank's error (`agree`) before the rows travel, so an
+error on any rank is raised on every rank instead of leaving the others in a collective until its timeout.
+A single process (`World()`) calls none of this: `score_missing` returns at once.
+
+Memory: every rank holds one split's full rows of one weights at a time (ImageNet val: 50,000 x 1,000 fp16,
+100 MB) and the gather's padded buffer of the same size, on the device under NCCL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from soupbench.distributed import RankFailed, World
+from soupbench.evaluate import Evaluator, accuracy
+
+log = logging.getLogger("soupbench")
+Weights = Iterable[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]]    # (fingerprint, load) pairs
+# one all-gather into a single tensor: all_gather_single where torch has it (2.14.1 does, and warns that
+# all_gather_into_tensor is deprecated), else all_gather_into_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def batch_share(world: World, n: int, batch_size: int) -> slice:
+    """This rank's contiguous share of n images in whole batches: `World.share` of the ceil(n / batch_size)
+    batches, as image indices (the last rank holding the last, partial batch may hold fewer images)."""
+    b = world.share(-(-n // batch_size))
+    return slice(min(n, b.start * batch_size), min(n, b.stop * batch_size))
+
+
+def comm_device() -> torch.device:
+    """Where tensors of a collective live: the current GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(world: World, error: BaseException | None) -> None:
+    """Every rank's outcome of a step it ran on its own share, on every rank: a rank's own error is raised as
+    it is, another rank's as RankFailed("rank R: <type>: <message>") (the lowest failed rank's)."""
+    if not world.distributed:
+        if error is not None:
+            raise error
+        return
+    told: list[str | None] = [None] * world.size
+    dist.all_gather_object(told, None if error is None else f"rank {world.rank}: {type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if (first := next((t for t in told if t is not None), None)) is not None:
+        raise RankFailed(first)
+
+
+def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
+    """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its `batch_share`. Each rank pads
+    its rows to the longest share, one all-gather into a single tensor moves them, and the padding is cut away."""
+    if not world.distributed:
+        return local
+    sizes = [len(range(*batch_share(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
+    if len(local) != sizes[world.rank]:
+        raise ValueError(f"gather_rows: rank {world.rank} has {len(local)} rows for a share of {sizes[world.rank]}")
+    longest, device = max(sizes), comm_device()
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local
+    out = torch.empty((world.size * longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    _ALL_GATHER(out, padded)
+    return torch.cat([out[r * longest:r * longest + s] for r, s in enumerate(sizes)]).cpu()
+
+
+def sharded_scores(world: World, evaluator: Evaluator, state: Mapping[str, torch.Tensor], split: str
+                   ) -> torch.Tensor:
+    """fp16 scores (N, columns) of `state` on every image of `split`, on every rank, each rank predicting its
+    `batch_share`: the rows `Evaluator.scores(state, split, cache=False)` gives in one process."""
+    n, error = len(evaluator.splits[split]), None
+    local = torch.empty((0, evaluator.columns(split)), dtype=torch.float16)
+    try:
+        local = evaluator.predict_rows(state, split, batch_share(world, n, evaluator.batch_size))
+    except Exception as e:      # noqa: BLE001 - raised on every rank by agree
+        error = e
+    agree(world, error)
+    return gather_rows(world, local, n, evaluator.batch_size)
+
+
+def state_from_first(world: World, state: Mapping[str, torch.Tensor] | None, spec: list[tuple[str, tuple, str]],
+                     device: torch.device) -> dict[str, torch.Tensor]:
+    """Rank 0's `state` on every rank, on `device`: the others allocate `spec` ((name, shape, dtype) in rank 0's
+    key order, `tensor_spec`) and receive it by broadcast."""
+    if world.main:
+        assert state is not None
+        out = {k: v.to(device).contiguous() for k, v in state.items()}
+    else:
+        out = {k: torch.empty(shape, dtype=getattr(torch, dtype), device=device) for k, shape, dtype in spec}
+    world.broadcast_(out.values())
+    return out
+
+
+def tensor_spec(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple, str]]:
+    """(name, shape, dtype name) of every tensor, in `state`'s order: what the other ranks allocate."""
+    return [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
+
+
+def score_missing(world: World, evaluator: Evaluator, weights: Callable[[], Weights], device: torch.device,
+                  splits: list[str] | None = None) -> int:
+    """Store every score file of `weights` x `splits` (default: the evaluator's) that is not stored yet, each
+    pass sharded over the ranks and written by rank 0. `weights` is called on rank 0 alone and yields
+    (fingerprint, load) lazily, one state in memory at a time; rank 0 decides what is missing and sends each
+    state that has something missing with its missing splits, so every rank walks the same sequence. Returns the
+    number of files written; 0 at once in a single process or without a store (`eval.cache_dir` unset), where
+    the caller's own passes on rank 0 do the work as before."""
+    if not world.distributed or evaluator.cache_dir is None:
+        return 0
+    splits = list(evaluator.splits) if splits is None else splits
+    todo: Iterator | None = None
+    held: dict[str, Mapping[str, torch.Tensor]] = {}
+
+    def next_missing() -> tuple[str, list[str], list] | None:
+        nonlocal todo
+        todo = iter(weights()) if todo is None else todo
+        for fp, load in todo:
+            missing = [s for s in splits if evaluator.cached_score_rows(fp, s) is None]
+            if missing:
+                held["state"] = load()
+                return fp, missing, tensor_spec(held["state"])
+        return None
+
+    written = 0
+    while (item := world.on_first(next_missing)) is not None:
+        fp, missing, spec = item
+        state = state_from_first(world, held.pop("state", None), spec, device)
+        for split in missing:
+            rows = sharded_scores(world, evaluator, state, split)
+            world.on_first(lambda fp=fp, split=split, rows=rows: _store(evaluator, fp, split, rows))
+            written += 1
+        if world.main:
+            log.info("scores of %s on %s: %d images over %d ranks", fp[:12], ", ".join(missing),
+                     sum(len(evaluator.splits[s]) for s in missing), world.size)
+        del state
+    return written
+
+
+def _store(evaluator: Evaluator, fp: str, split: str, rows: torch.Tensor) -> None:
+    """Rank 0's write of gathered rows; nothing goes back to the other ranks but success or the error."""
+    evaluator.store(fp, split, [rows])
+
+
+# soups whose only forward passes are held-out passes of whole states (greedy's candidates, WiSE-FT's α grid):
+# under torch.distributed every rank builds them together, each pass sharded (`sharded_accuracy`); each rank
+# loads the ingredients (and an earlier soup WiSE-FT starts from) itself, as the learned soups' ranks do
+HELDOUT_PASS_SOUPS = ("soupbench.soups.greedy.build", "soupbench.soups.wise_ft.build")
+
+
+def built_by_every_rank(world: World, scfg: Mapping) -> bool:
+    """Does every rank build soup `scfg` together: the learned soups (`distributed: auto`, their blocks split
+    over the ranks) and HELDOUT_PASS_SOUPS; any other soup is rank 0's alone (`World.on_first`)."""
+    return world.distributed and (scfg.get("distributed") == "auto" or scfg.get("_target_") in HELDOUT_PASS_SOUPS)
+
+
+def sharded_accuracy(world: World, evaluator: Evaluator, split: str, state: Mapping[str, torch.Tensor]) -> float:
+    """Top-1 accuracy (percent) of `state` on `split` from `sharded_scores`: the same number on every rank,
+    so a method that compares it (greedy's acceptance, WiSE-FT's α) decides alike on all of them."""
+    return accuracy(sharded_scores(world, evaluator, state, split), evaluator.splits[split])

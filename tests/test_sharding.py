@@ -1,0 +1,131 @@
+"""Scoring sharded over two gloo ranks (soupbench.sharding): every rank gets the one-process rows exactly, the
+score files rank 0 writes equal one process's byte for byte, and an error on either rank reaches both."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from soupbench.data import DataBundle, Split
+from soupbench.distributed import RankFailed, World
+from soupbench.evaluate import Evaluator
+from soupbench.io import fingerprint
+from soupbench.rowfile import MappedRows, write_rows
+from soupbench.sharding import batch_share, built_by_every_rank, score_missing, sharded_accuracy, sharded_scores
+from tests.helpers import random_split, tiny_model
+
+WORLD, BATCH = 2, 8
+
+
+def bundle(tmp_path) -> DataBundle:
+    """held-out: 37 images (5 batches, the last of 5 images: rank 0 holds 24, rank 1 13), mapped from a row
+    file; test: 1 image (one rank's share is empty); objectnet-like: 11 images scored by class groups."""
+    heldout = random_split(37, seed=1)
+    path = tmp_path / "heldout.safetensors"
+    if not path.exists():
+        write_rows(path, "images", tuple(heldout.images.shape), torch.uint8, [heldout.images])
+    mapped = Split("heldout", MappedRows(path, "images"), heldout.labels)
+    grouped = random_split(11, num_classes=2, seed=3, name="grouped")
+    grouped = Split("grouped", grouped.images, grouped.labels, class_groups=[[0, 2], [1]])
+    return DataBundle(["a", "b", "c"], random_split(8), mapped, random_split(1, seed=2, name="test"),
+                      {"grouped": grouped})
+
+
+def states() -> list[dict[str, torch.Tensor]]:
+    return [tiny_model(seed=s).state_dict() for s in (0, 1)]
+
+
+def evaluator(tmp_path, store: str) -> Evaluator:
+    return Evaluator(tiny_model(), bundle(tmp_path), tmp_path / store, "k", BATCH, torch.device("cpu"))
+
+
+def worker(rank: int, tmp_path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    world = World(rank, WORLD, rank)
+    ev = evaluator(tmp_path, "two")
+    rows = {s: sharded_scores(world, ev, states()[0], s) for s in ev.splits}
+    rows["accuracy"] = torch.tensor(sharded_accuracy(world, ev, "grouped", states()[1]), dtype=torch.float64)
+    torch.save(rows, tmp_path / f"rows{rank}.pt")
+
+    loads = []
+    weights = [(fingerprint(st), lambda st=st: loads.append(1) or st) for st in states()]
+    written = score_missing(world, ev, lambda: weights, torch.device("cpu"))
+    again = score_missing(world, ev, lambda: weights, torch.device("cpu"))      # all stored: nothing to do
+    outcomes = {"written": written, "again": again, "loads": len(loads)}
+
+    def broken() -> dict:
+        raise OSError("soup weights unreadable")
+    try:                                     # rank 0's loading error: raised on both ranks
+        score_missing(world, ev, lambda: [("0" * 64, broken)], torch.device("cpu"))
+    except (OSError, RankFailed) as e:
+        outcomes["load_error"] = f"{type(e).__name__}: {e}"
+    if rank == 1:                            # rank 1's forward error: raised on both ranks
+        ev.predict_rows = lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory on rank 1"))
+    try:
+        sharded_scores(world, ev, states()[0], "heldout")
+    except (RuntimeError, RankFailed) as e:
+        outcomes["predict_error"] = f"{type(e).__name__}: {e}"
+    torch.save(outcomes, tmp_path / f"outcomes{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("sharding")
+    bundle(tmp_path)                         # the mapped split's file, written once before the ranks start
+    mp.spawn(worker, args=(tmp_path,), nprocs=WORLD, join=True)
+    return tmp_path
+
+
+def test_shares_are_whole_batches_and_cover_every_image():
+    for n in (0, 1, 7, 8, 9, 37, 64):
+        shares = [batch_share(World(r, 3), n, BATCH) for r in range(3)]
+        assert [i for s in shares for i in range(s.start, s.stop)] == list(range(n))
+        assert all(s.start % BATCH == 0 for s in shares if s.stop > s.start)
+
+
+def test_greedy_wise_ft_and_learned_soups_are_built_by_every_rank_of_a_job():
+    two, one = World(0, 2), World()
+    assert built_by_every_rank(two, {"_target_": "soupbench.soups.greedy.build"})
+    assert built_by_every_rank(two, {"_target_": "soupbench.soups.wise_ft.build"})
+    assert built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "auto"})
+    assert not built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "off"})
+    assert not built_by_every_rank(two, {"_target_": "soupbench.soups.uniform.build"})
+    assert not built_by_every_rank(one, {"_target_": "soupbench.soups.greedy.build"})
+
+
+def test_every_rank_gets_the_one_process_rows_exactly(two_ranks):
+    one = evaluator(two_ranks, "one")
+    for rank in range(WORLD):
+        rows = torch.load(two_ranks / f"rows{rank}.pt")
+        assert rows.pop("accuracy").item() == one.accuracy(states()[1], "grouped", cache=False)
+        assert list(rows) == ["heldout", "test", "grouped"]
+        for split, got in rows.items():
+            want = one.scores(states()[0], split, cache=False)
+            assert got.dtype == torch.float16 and got.shape == (len(one.splits[split]), one.columns(split))
+            assert torch.equal(got, want), (rank, split)
+
+
+def test_rank_zero_writes_the_one_process_score_files(two_ranks):
+    one = evaluator(two_ranks, "one")
+    two = evaluator(two_ranks, "two")
+    for st in states():
+        fp = fingerprint(st)
+        for split in one.splits:
+            one.score_rows(st, split, fp)
+            assert two.score_file(fp, split).read_bytes() == one.score_file(fp, split).read_bytes(), split
+    for rank in range(WORLD):
+        out = torch.load(two_ranks / f"outcomes{rank}.pt")
+        assert out["written"] == 2 * 3 and out["again"] == 0
+        assert out["loads"] == (2 if rank == 0 else 0)       # only rank 0 reads weights; the others receive them
+
+
+def test_an_error_on_either_rank_is_raised_on_both(two_ranks):
+    zero, one = (torch.load(two_ranks / f"outcomes{r}.pt") for r in range(WORLD))
+    assert zero["load_error"] == "OSError: soup weights unreadable"
+    assert one["load_error"] == "RankFailed: rank 0: OSError: soup weights unreadable"
+    assert zero["predict_error"] == "RankFailed: rank 1: RuntimeError: out of memory on rank 1"
+    assert one["predict_error"] == "RuntimeError: out of memory on rank 1"
