@@ -34,6 +34,7 @@ from soupbench.errors import ConfigError, SoupbenchError
 log = logging.getLogger("soupbench")
 MODES = ("auto", "off")
 _WAIT_GROUP: Any = None     # gloo group for waiting on rank 0's own work (init); None: the default group
+_ALONE = False              # inside World.on_first on rank 0: the other ranks wait, so no collective may start
 
 
 class RankFailed(SoupbenchError):
@@ -68,6 +69,7 @@ class World:
         """All-reduce (sum) every tensor in place; all are launched before the first wait."""
         if not self.distributed:
             return
+        require_together("World.sum_")
         works = [dist.all_reduce(t, async_op=True) for t in tensors]
         for w in works:
             w.wait()
@@ -86,6 +88,7 @@ class World:
         """Rank 0's `obj` on every rank (pickled): the resume state, read from disk by rank 0 only."""
         if not self.distributed:
             return obj
+        require_together("World.from_first")
         box = [obj if self.main else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -98,12 +101,17 @@ class World:
             return fn()
         error: BaseException | None = None
         box: list[Any] = [None]
+        require_together("World.on_first")
         if self.main:
+            global _ALONE
+            _ALONE = True
             try:
                 box = [("ok", fn())]
             except BaseException as e:       # noqa: BLE001 - sent to the other ranks, then raised here
                 error = e
                 box = [("error", f"rank 0: {type(e).__name__}: {e}")]
+            finally:
+                _ALONE = False
         dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)
         if error is not None:
             raise error
@@ -116,12 +124,21 @@ class World:
         """Rank 0's values into every rank's tensors, in place."""
         if not self.distributed:
             return
+        require_together("World.broadcast_")
         works = [dist.broadcast(t, src=0, async_op=True) for t in tensors]
         for w in works:
             w.wait()
 
 
 SINGLE = World()          # one process: every collective is a no-op
+
+
+def require_together(what: str) -> None:
+    """A collective started by rank 0 inside `World.on_first` would wait for ranks that wait for rank 0: raise
+    instead (the error then reaches every rank through on_first) of hanging until a timeout."""
+    if _ALONE:
+        raise RuntimeError(f"{what}: a collective inside World.on_first (rank 0 alone runs that function while "
+                           "the other ranks wait): run this step on every rank")
 
 
 def resolve_ranks(mode: str) -> World:

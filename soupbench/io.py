@@ -125,7 +125,7 @@ def load_verified(path: str | os.PathLike, expected_fp: str | None, device: str 
     truncated, zero-filled or altered in place raises CheckpointError naming it instead of being used. The
     hash is checked once per process per (file, size, mtime) (a greedy or learned soup loads an ingredient
     many times)."""
-    if expected_fp is None:
+    if expected_fp is None or not Path(path).is_file():      # a missing file: load_weights names it
         return load_weights(path, device)
     st = Path(path).stat()
     key = (str(path), st.st_size, st.st_mtime_ns, expected_fp)

@@ -10,7 +10,9 @@ some ranks an empty share; they send padding only.
 What is stored is rank 0's decision (`World.on_first`): in a multi-node job the other ranks may not see rank 0's
 disk, so they receive the weights too (`state_from_first`, a broadcast into tensors of rank 0's shapes) instead
 of reading files. Every pass ends with an exchange of each rank's error (`agree`) before the rows travel, so an
-error on any rank is raised on every rank instead of leaving the others in a collective until its timeout.
+error on any rank during a pass is raised on every rank instead of leaving the others in a collective until its
+timeout. The soups every rank builds together (greedy, WiSE-FT, the learned soups) load the ingredient files on
+every rank: `paths.run_dir` and the ingredients must be on a file system every rank sees.
 A single process (`World()`) calls none of this: `score_missing` returns at once.
 
 Memory: every rank holds one split's full rows of one weights at a time (ImageNet val: 50,000 x 1,000 fp16,
@@ -25,8 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
-from soupbench.distributed import RankFailed, World
-from soupbench.evaluate import Evaluator, accuracy
+from soupbench.distributed import RankFailed, World, require_together
+from soupbench.evaluate import Evaluator, accuracy, percent
 
 log = logging.getLogger("soupbench")
 Weights = Iterable[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]]    # (fingerprint, load) pairs
@@ -42,11 +44,9 @@ def batch_share(world: World, n: int, batch_size: int) -> slice:
     return slice(min(n, b.start * batch_size), min(n, b.stop * batch_size))
 
 
-def comm_device() -> torch.device:
-    """Where tensors of a collective live: the current GPU under NCCL, the CPU under gloo."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def comm_device(device: torch.device) -> torch.device:
+    """Where tensors of a collective live: this rank's GPU (`device`) under NCCL, the CPU under gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def agree(world: World, error: BaseException | None) -> None:
@@ -56,6 +56,7 @@ def agree(world: World, error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
+    require_together("sharding.agree")
     told: list[str | None] = [None] * world.size
     dist.all_gather_object(told, None if error is None else f"rank {world.rank}: {type(error).__name__}: {error}")
     if error is not None:
@@ -64,15 +65,19 @@ def agree(world: World, error: BaseException | None) -> None:
         raise RankFailed(first)
 
 
-def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
-    """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its `batch_share`. Each rank pads
-    its rows to the longest share, one all-gather into a single tensor moves them, and the padding is cut away."""
+def share_sizes(world: World, n: int, batch_size: int) -> list[int]:
+    """Every rank's number of images under `batch_share`."""
+    return [len(range(*batch_share(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
+
+
+def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its `batch_share` (its length already
+    checked, before `agree`). Each rank pads its rows to the longest share, one all-gather into a single tensor
+    moves them (on `device` under NCCL), and the padding is cut away."""
     if not world.distributed:
         return local
-    sizes = [len(range(*batch_share(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
-    if len(local) != sizes[world.rank]:
-        raise ValueError(f"gather_rows: rank {world.rank} has {len(local)} rows for a share of {sizes[world.rank]}")
-    longest, device = max(sizes), comm_device()
+    sizes = share_sizes(world, n, batch_size)
+    longest, device = max(sizes), comm_device(device)
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[:len(local)] = local
     out = torch.empty((world.size * longest, *local.shape[1:]), dtype=local.dtype, device=device)
@@ -80,18 +85,29 @@ def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int) -> t
     return torch.cat([out[r * longest:r * longest + s] for r, s in enumerate(sizes)]).cpu()
 
 
+def local_scores(world: World, evaluator: Evaluator, state: Mapping[str, torch.Tensor], split: str
+                 ) -> tuple[torch.Tensor, slice]:
+    """This rank's fp16 scores of its `batch_share` of `split` and that share, once every rank's pass is known to
+    have succeeded (`agree`)."""
+    n, error = len(evaluator.splits[split]), None
+    share = batch_share(world, n, evaluator.batch_size)
+    local = torch.empty((0, evaluator.columns(split)), dtype=torch.float16)
+    try:
+        local = evaluator.predict_rows(state, split, share)
+        if len(local) != (want := share_sizes(world, n, evaluator.batch_size)[world.rank]):
+            raise ValueError(f"{split}: rank {world.rank} predicted {len(local)} rows for a share of {want}")
+    except Exception as e:      # noqa: BLE001 - raised on every rank by agree
+        error = e
+    agree(world, error)
+    return local, share
+
+
 def sharded_scores(world: World, evaluator: Evaluator, state: Mapping[str, torch.Tensor], split: str
                    ) -> torch.Tensor:
     """fp16 scores (N, columns) of `state` on every image of `split`, on every rank, each rank predicting its
     `batch_share`: the rows `Evaluator.scores(state, split, cache=False)` gives in one process."""
-    n, error = len(evaluator.splits[split]), None
-    local = torch.empty((0, evaluator.columns(split)), dtype=torch.float16)
-    try:
-        local = evaluator.predict_rows(state, split, batch_share(world, n, evaluator.batch_size))
-    except Exception as e:      # noqa: BLE001 - raised on every rank by agree
-        error = e
-    agree(world, error)
-    return gather_rows(world, local, n, evaluator.batch_size)
+    local, _ = local_scores(world, evaluator, state, split)
+    return gather_rows(world, local, len(evaluator.splits[split]), evaluator.batch_size, evaluator.device)
 
 
 def state_from_first(world: World, state: Mapping[str, torch.Tensor] | None, spec: list[tuple[str, tuple, str]],
@@ -162,13 +178,26 @@ def _store(evaluator: Evaluator, fp: str, split: str, rows: torch.Tensor) -> Non
 HELDOUT_PASS_SOUPS = ("soupbench.soups.greedy.build", "soupbench.soups.wise_ft.build")
 
 
+LEARNED = "soupbench.soups.learned.build"
+
+
 def built_by_every_rank(world: World, scfg: Mapping) -> bool:
-    """Does every rank build soup `scfg` together: the learned soups (`distributed: auto`, their blocks split
-    over the ranks) and HELDOUT_PASS_SOUPS; any other soup is rank 0's alone (`World.on_first`)."""
-    return world.distributed and (scfg.get("distributed") == "auto" or scfg.get("_target_") in HELDOUT_PASS_SOUPS)
+    """Does every rank build soup `scfg` together: a soup with `distributed: auto` (the learned soups, their blocks
+    split over the ranks; `auto` is also learned.build's default when the key is absent) and HELDOUT_PASS_SOUPS;
+    any other soup is rank 0's alone (`World.on_first`, inside which a collective raises)."""
+    target = scfg.get("_target_")
+    mode = scfg.get("distributed", "auto" if target == LEARNED else None)
+    return world.distributed and (mode == "auto" or target in HELDOUT_PASS_SOUPS)
 
 
 def sharded_accuracy(world: World, evaluator: Evaluator, split: str, state: Mapping[str, torch.Tensor]) -> float:
-    """Top-1 accuracy (percent) of `state` on `split` from `sharded_scores`: the same number on every rank,
-    so a method that compares it (greedy's acceptance, WiSE-FT's α) decides alike on all of them."""
-    return accuracy(sharded_scores(world, evaluator, state, split), evaluator.splits[split])
+    """Top-1 accuracy (percent) of `state` on `split`, the same number on every rank, so a method that compares
+    it (greedy's acceptance, WiSE-FT's α) decides alike on all of them. Each rank's per-image hits of its share
+    travel (one byte an image), not its scores, and make the one process's correctness vector, so the number
+    is `accuracy`'s bit for bit."""
+    sp = evaluator.splits[split]
+    if not world.distributed:
+        return accuracy(sharded_scores(world, evaluator, state, split), sp)
+    local, share = local_scores(world, evaluator, state, split)
+    hits = (local.argmax(dim=1).cpu() == sp.labels[share].cpu()).to(torch.uint8)
+    return percent(gather_rows(world, hits, len(sp), evaluator.batch_size, evaluator.device).bool())

@@ -75,6 +75,9 @@ def test_weights_altered_in_place_are_caught_by_their_fingerprint(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"x\.safetensors: its contents .* are not what its JSON recorded"):
         load_verified(path, fp)
+    path.unlink()                                             # deleted: named as missing, not a raw OSError
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: weights file not found"):
+        load_verified(path, fp)
 
 
 def test_damaged_soups_and_score_files_are_recomputed_never_used(tiny_run, tmp_path):

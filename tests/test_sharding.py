@@ -68,6 +68,10 @@ def worker(rank: int, tmp_path) -> None:
         sharded_scores(world, ev, states()[0], "heldout")
     except (RuntimeError, RankFailed) as e:
         outcomes["predict_error"] = f"{type(e).__name__}: {e}"
+    try:                                     # a collective inside on_first: an error on both ranks, not a hang
+        world.on_first(lambda: world.sum_([torch.zeros(1)]))
+    except (RuntimeError, RankFailed) as e:
+        outcomes["nested"] = f"{type(e).__name__}: {e}"
     torch.save(outcomes, tmp_path / f"outcomes{rank}.pt")
     dist.destroy_process_group()
 
@@ -93,6 +97,7 @@ def test_greedy_wise_ft_and_learned_soups_are_built_by_every_rank_of_a_job():
     assert built_by_every_rank(two, {"_target_": "soupbench.soups.wise_ft.build"})
     assert built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "auto"})
     assert not built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "off"})
+    assert built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build"})     # learned.build's default
     assert not built_by_every_rank(two, {"_target_": "soupbench.soups.uniform.build"})
     assert not built_by_every_rank(one, {"_target_": "soupbench.soups.greedy.build"})
 
@@ -129,3 +134,5 @@ def test_an_error_on_either_rank_is_raised_on_both(two_ranks):
     assert one["load_error"] == "RankFailed: rank 0: OSError: soup weights unreadable"
     assert zero["predict_error"] == "RankFailed: rank 1: RuntimeError: out of memory on rank 1"
     assert one["predict_error"] == "RuntimeError: out of memory on rank 1"
+    assert zero["nested"].startswith("RuntimeError: World.sum_: a collective inside World.on_first")
+    assert one["nested"].startswith("RankFailed: rank 0: RuntimeError: World.sum_: a collective inside")

@@ -52,6 +52,7 @@ mean of the block (simplex); re-estimate them on training data with `bn_recalibr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -383,6 +384,11 @@ def build(ctx: SoupContext, parameterisation: str = "affine", granularity: str =
     val_idx, fit_idx = shuffled[:num_val], shuffled[num_val:]
     blocks = block_order(K, b, num_passes, shuffle_models and parameterisation == "affine", seed, model_order)
 
+    if ranks.distributed and batch_pieces < ranks.size and ranks.main:
+        logging.getLogger("soupbench").info(
+            "learned soup: each of the %d ranks runs the whole held-out batch (batch_pieces=%d); "
+            "soup.<method>.batch_pieces=%d splits the forward/backward over them (the coefficients then follow the "
+            "pieces, never the number of ranks)", ranks.size, batch_pieces, ranks.size)
     state = ranks.from_first(_resume(ctx, key, len(names)) if ranks.main else None)
     soup, raw, losses, start = state["soup"], state["raw"], state["losses"], state["next_block"]
     eff_models, eff_base = state["effective"], state["effective_base"]
