@@ -25,11 +25,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from soupbench.batches import batch_bounds
 from soupbench.distributed import RankFailed, World
 from soupbench.evaluate import Evaluator, accuracy
 
 log = logging.getLogger("soupbench")
 Weights = Iterable[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]]    # (fingerprint, load) pairs
+Cut = Callable[[World, int, int], slice]      # (world, n, batch_size) -> this rank's share: batch_share, fold_share
 # one all-gather into a single tensor: all_gather_single where torch has it (2.14.1 does, and warns that
 # all_gather_into_tensor is deprecated), else all_gather_into_tensor
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -40,6 +42,14 @@ def batch_share(world: World, n: int, batch_size: int) -> slice:
     batches, as image indices (the last rank holding the last, partial batch may hold fewer images)."""
     b = world.share(-(-n // batch_size))
     return slice(min(n, b.start * batch_size), min(n, b.stop * batch_size))
+
+
+def fold_share(world: World, n: int, batch_size: int) -> slice:
+    """This rank's contiguous share of n images in whole batches of `batch_bounds` (a remainder under half a
+    batch folded into the last one): the batches of one process's linear-probe feature pass."""
+    bounds = batch_bounds(n, batch_size)
+    mine = bounds[world.share(len(bounds))]
+    return slice(mine[0][0], mine[-1][1]) if mine else slice(n, n)
 
 
 def comm_device() -> torch.device:
@@ -64,12 +74,13 @@ def agree(world: World, error: BaseException | None) -> None:
         raise RankFailed(first)
 
 
-def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int) -> torch.Tensor:
-    """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its `batch_share`. Each rank pads
+def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int, cut: Cut = batch_share
+                ) -> torch.Tensor:
+    """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its share (`cut`). Each rank pads
     its rows to the longest share, one all-gather into a single tensor moves them, and the padding is cut away."""
     if not world.distributed:
         return local
-    sizes = [len(range(*batch_share(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
+    sizes = [len(range(*cut(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
     if len(local) != sizes[world.rank]:
         raise ValueError(f"gather_rows: rank {world.rank} has {len(local)} rows for a share of {sizes[world.rank]}")
     longest, device = max(sizes), comm_device()
@@ -84,14 +95,23 @@ def sharded_scores(world: World, evaluator: Evaluator, state: Mapping[str, torch
                    ) -> torch.Tensor:
     """fp16 scores (N, columns) of `state` on every image of `split`, on every rank, each rank predicting its
     `batch_share`: the rows `Evaluator.scores(state, split, cache=False)` gives in one process."""
-    n, error = len(evaluator.splits[split]), None
-    local = torch.empty((0, evaluator.columns(split)), dtype=torch.float16)
+    return sharded_rows(world, len(evaluator.splits[split]), evaluator.batch_size,
+                        lambda rows: evaluator.predict_rows(state, split, rows),
+                        torch.empty((0, evaluator.columns(split)), dtype=torch.float16))
+
+
+def sharded_rows(world: World, n: int, batch_size: int, compute: Callable[[slice], torch.Tensor],
+                 empty: torch.Tensor, cut: Cut = batch_share) -> torch.Tensor:
+    """(n, ...) rows on every rank, each rank computing `compute(share)` for its share (`cut`) of the n images:
+    scores or the linear probe's features. An error on any rank is raised on every rank (`agree`) before the
+    rows travel; `empty` (0, ...) is what a failed rank holds meanwhile. A single process computes them all."""
+    local, error = empty, None
     try:
-        local = evaluator.predict_rows(state, split, batch_share(world, n, evaluator.batch_size))
+        local = compute(cut(world, n, batch_size))
     except Exception as e:      # noqa: BLE001 - raised on every rank by agree
         error = e
     agree(world, error)
-    return gather_rows(world, local, n, evaluator.batch_size)
+    return gather_rows(world, local, n, batch_size, cut)
 
 
 def state_from_first(world: World, state: Mapping[str, torch.Tensor] | None, spec: list[tuple[str, tuple, str]],
@@ -105,6 +125,16 @@ def state_from_first(world: World, state: Mapping[str, torch.Tensor] | None, spe
         out = {k: torch.empty(shape, dtype=getattr(torch, dtype), device=device) for k, shape, dtype in spec}
     world.broadcast_(out.values())
     return out
+
+
+def state_to_all(world: World, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's `state` on every rank, on the CPU (the others' argument is ignored): its shapes (`tensor_spec`)
+    through `from_first`, then the tensors by broadcast (through the GPU under NCCL). A single process: `state`."""
+    if not world.distributed:
+        return dict(state)
+    spec = world.from_first(tensor_spec(state) if world.main else None)
+    return {k: v.cpu() for k, v in state_from_first(world, state if world.main else None, spec,
+                                                    comm_device()).items()}
 
 
 def tensor_spec(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple, str]]:
