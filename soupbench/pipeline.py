@@ -275,7 +275,9 @@ class Run:
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
         faults.set_stage("finetune")
-        if self.cfg.ingredients.from_files is not None:     # rank 0 imports (writes); the others wait for it
+        if self.cfg.ingredients.from_files is not None:
+            # every rank scores each new file's held-out as rank 0 imports it (writes), then rank 0 lists them all
+            score_missing(self.world, self.evaluator, lambda: self.import_steps([]), self.device, ["heldout"])
             self.world.on_first(lambda: self.import_stage(tracker))
             return
         if ft.probe_as_ingredient and self.world.main:
@@ -344,16 +346,23 @@ class Run:
         log.info("ingredient %s: held-out %.2f%% in %.1fs  %s", gid, meta["heldout_acc"], meta["train_time_s"], hp)
         return meta
 
-    def import_stage(self, tracker: tracking.Tracker) -> None:
-        """Checkpoints other code fine-tuned, instead of fine-tuning (ingredients.from_files)."""
+    def import_steps(self, out: list[Ingredient]) -> Iterator[tuple[str, Callable[[], dict[str, torch.Tensor]]]]:
+        """Rank 0: `importers.import_steps` of ingredients.from_files (what to score before each import)."""
         from soupbench.checkpoints import source_files
-        from soupbench.importers import import_files
+        from soupbench.importers import import_steps
 
+        ing, evaluator = self.cfg.ingredients, self.evaluator
+        return import_steps(source_files(container(ing.from_files)), self.ingredient_dir, self.base,
+                            self.model.source_keys, self.base_fp, lambda s, fp: evaluator.accuracy(s, "heldout", fp),
+                            ing.format, ing.ema, container(ing.key_map), self.progress, out)
+
+    def import_stage(self, tracker: tracking.Tracker) -> None:
+        """Checkpoints other code fine-tuned, instead of fine-tuning (ingredients.from_files); in a
+        torch.distributed job with a score store they were imported already (`finetune_stage`) and are reused."""
+        imported: list[Ingredient] = []
+        for _ in self.import_steps(imported):
+            pass
         ing = self.cfg.ingredients
-        files = source_files(container(ing.from_files))
-        imported = import_files(files, self.ingredient_dir, self.base, self.model.source_keys, self.base_fp,
-                                lambda s, fp: self.evaluator.accuracy(s, "heldout", fp), ing.format, ing.ema,
-                                container(ing.key_map), self.progress)
         for g in imported:
             self.heldout_acc(g)
         log.info("imported %d ingredients from %s", len(imported), container(ing.from_files))

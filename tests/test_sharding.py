@@ -14,6 +14,7 @@ from soupbench.data import DataBundle, Split
 from soupbench.distributed import RankFailed, World
 from soupbench.evaluate import Evaluator
 from soupbench.finetune import linear_probe, probe_features
+from soupbench.importers import import_files, import_steps
 from soupbench.io import fingerprint
 from soupbench.rowfile import MappedRows, write_rows
 from soupbench.sharding import (
@@ -63,6 +64,16 @@ def probe(world: World) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
     return feats, stats, model.state_dict()
 
 
+def imports(tmp_path, store: str, steps: bool = False):
+    """Two checkpoint files imported as ingredients into `store`, measured on held-out by `store`'s evaluator:
+    `import_files`, or its steps (`import_steps`) to hand to score_missing."""
+    ev = evaluator(tmp_path, store)
+    files = [tmp_path / f"model{s}.pt" for s in (2, 3)]
+    args = (files, tmp_path / f"{store}-ingredients", tiny_model().state_dict(), None, "b" * 64,
+            lambda s, fp: ev.accuracy(s, "heldout", fp))
+    return ev, import_steps(*args) if steps else import_files(*args)
+
+
 def evaluator(tmp_path, store: str) -> Evaluator:
     return Evaluator(tiny_model(), bundle(tmp_path), tmp_path / store, "k", BATCH, torch.device("cpu"))
 
@@ -75,6 +86,11 @@ def worker(rank: int, tmp_path) -> None:
     rows = {s: sharded_scores(world, ev, states()[0], s) for s in ev.splits}
     rows["accuracy"] = torch.tensor(sharded_accuracy(world, ev, "grouped", states()[1]), dtype=torch.float64)
     torch.save(rows, tmp_path / f"rows{rank}.pt")
+    # rank 0 imports each file as the ranks score its held-out, then lists them (all reused)
+    steps = lambda: imports(tmp_path, "import_two", steps=True)[1]      # noqa: E731
+    scored = score_missing(world, evaluator(tmp_path, "import_two"), steps, torch.device("cpu"), ["heldout"])
+    listed = world.on_first(lambda: [(g.id, g.fingerprint, g.heldout_acc) for g in imports(tmp_path, "import_two")[1]])
+    torch.save({"scored": scored, "listed": listed}, tmp_path / f"imported{rank}.pt")
     feats, stats, state = probe(world)
     received = state_to_all(world, state if rank == 0 else {})
     torch.save({"features": feats, "stats": stats, "state": state, "received": received},
@@ -106,6 +122,8 @@ def worker(rank: int, tmp_path) -> None:
 def two_ranks(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sharding")
     bundle(tmp_path)                         # the mapped split's file, written once before the ranks start
+    for seed in (2, 3):                      # the checkpoints to import
+        torch.save(tiny_model(seed=seed).state_dict(), tmp_path / f"model{seed}.pt")
     mp.spawn(worker, args=(tmp_path,), nprocs=WORLD, join=True)
     return tmp_path
 
@@ -182,3 +200,14 @@ def test_the_linear_probe_features_and_fit_equal_one_process(two_ranks):
         assert all(torch.equal(got["received"][k], v) for k, v in state.items()), rank
     zero = torch.load(two_ranks / "probe0.pt")["state"]      # only rank 0 fits the head
     assert all(torch.equal(zero[k], v) for k, v in state.items())
+
+
+def test_imported_checkpoints_are_scored_over_the_ranks_as_one_process_scores_them(two_ranks):
+    one, imported = imports(two_ranks, "import_one")
+    want = [(g.id, g.fingerprint, g.heldout_acc) for g in imported]
+    two = evaluator(two_ranks, "import_two")
+    for rank in range(WORLD):
+        got = torch.load(two_ranks / f"imported{rank}.pt")
+        assert got["scored"] == 2 and got["listed"] == want, rank
+    for _, fp, _ in want:
+        assert two.score_file(fp, "heldout").read_bytes() == one.score_file(fp, "heldout").read_bytes()
