@@ -1,9 +1,10 @@
-"""Forward passes sharded over the ranks of a torch.distributed job: each rank scores its contiguous share of a
-split's images, every rank gets the full rows (all_gather, each share padded to the longest), and rank 0 alone
-writes them to the score store.
+"""Forward passes sharded over the ranks of a torch.distributed job: each rank scores (or, for the linear probe,
+encodes) its contiguous share of a split's images, every rank gets the full rows (all_gather, each share padded
+to the longest), and rank 0 alone writes them to the score store.
 
 Shares are cut in whole batches of `eval.batch_size` (`batch_share`): every image is predicted in the same batch,
-at the same position, as one process predicts it, so the rows equal one process's bit for bit even where a
+at the same position, as one process predicts it (the linear probe's features: whole batches of `batch_bounds`,
+`fold_share`, as its one-process pass cuts them), so the rows equal one process's bit for bit even where a
 kernel's result depends on the batch's size (CPU GEMM blocking). A split with fewer batches than ranks leaves
 some ranks an empty share; they send padding only.
 
