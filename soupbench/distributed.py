@@ -5,8 +5,8 @@ Fine-tuning one ingredient on several devices: the group comes from the environm
 GPU. NCCL on GPUs, gloo on CPUs. Every rank takes part in every stage; rank 0 alone writes artefacts and logs to
 W&B. Work that rank 0 does alone (a soup other than the learned ones, greedy and WiSE-FT, the evaluate stage
 once its scores are stored, the report) runs in `World.on_first`: the other ranks wait for its value, or for its
-error, which they raise naming rank 0. The evaluation passes and most held-out passes (not the linear probe's
-or the import's) are sharded over the ranks (soupbench.sharding).
+error, which they raise naming rank 0. The evaluation passes, the held-out passes (an imported checkpoint's
+included) and the linear probe's feature pass are sharded over the ranks (soupbench.sharding).
 
 Collectives time out after `distributed.timeout_s` (a rank that stops answering ends the others); the waits
 for rank 0's own work run on a gloo group of their own with `distributed.wait_s`, as long as that work may take.

@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from soupbench import faults
 from soupbench.backbones import Classifier, has_batchnorm, set_batchnorm_eval
-from soupbench.batches import num_batches
+from soupbench.batches import batch_bounds, num_batches
 from soupbench.data import Split
 from soupbench.data.streaming import TrainImages, epoch_loader, eval_transform, train_transform
-from soupbench.distributed import World, barrier
+from soupbench.distributed import SINGLE, World, barrier
 from soupbench.errors import ConfigError, DataError
 from soupbench.guards import (
     DivergedError,
@@ -33,6 +34,7 @@ from soupbench.guards import (
 )
 from soupbench.io import hash_settings, save_torch
 from soupbench.runtime import autocast, cosine_with_warmup, progress_bar
+from soupbench.sharding import fold_share, sharded_rows
 
 log = logging.getLogger("soupbench")
 
@@ -83,13 +85,30 @@ def hyperparameter_configs(search: str, space: Mapping[str, Any], num_ingredient
 
 @torch.no_grad()
 def probe_features(model: Classifier, train: Split, image_size: int, batch_size: int, device: torch.device,
-                   workers: int = 0, progress: bool = False, precision: str = "auto") -> torch.Tensor:
+                   workers: int = 0, progress: bool = False, precision: str = "auto", world: World = SINGLE
+                   ) -> torch.Tensor:
     """The frozen encoder's features of every training image in one streaming pass, fp16 (N, D) on the CPU:
-    1.28 M ImageNet images x 512 (ViT-B/32) are 1.3 GB, and the images are never all in memory."""
+    1.28 M ImageNet images x 512 (ViT-B/32) are 1.3 GB, and the images are never all in memory. Under
+    torch.distributed each rank encodes its `fold_share` of one process's batches (every rank builds the same
+    encoder) and every rank gets all N rows, equal to one process's bit for bit (`sharding.sharded_rows`)."""
     model.eval()
-    data = TrainImages(train, eval_transform(image_size), seed=0)
-    loader = epoch_loader(data, 0, 0, 1, batch_size, 0, workers, device.type == "cuda", shuffle=False)
-    out = torch.empty(len(train), model.feature_dim, dtype=torch.float16)
+    empty = torch.empty(0, model.feature_dim, dtype=torch.float16)
+    return sharded_rows(world, len(train), batch_size, lambda rows: _features(
+        model, train, rows, image_size, batch_size, device, workers, progress and world.main, precision), empty,
+        fold_share, device)
+
+
+def _features(model: Classifier, train: Split, rows: slice, image_size: int, batch_size: int, device: torch.device,
+              workers: int, progress: bool, precision: str) -> torch.Tensor:
+    """Features of images `rows` (whole batches of `batch_bounds`), batch by batch as one process cuts them."""
+    batches = [list(range(a, b)) for a, b in batch_bounds(len(train), batch_size) if rows.start <= a < rows.stop]
+    out = torch.empty(sum(map(len, batches)), model.feature_dim, dtype=torch.float16)
+    if not batches:
+        return out
+    # a generator of its own, as epoch_loader's: a loader without one draws its seed from torch's global RNG
+    loader = DataLoader(TrainImages(train, eval_transform(image_size), seed=0), batch_sampler=batches,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(0))
     i = 0
     for x, _ in progress_bar(loader, "LP features", progress):
         with autocast(device, precision, "finetune.precision"):
@@ -103,11 +122,13 @@ def probe_features(model: Classifier, train: Split, image_size: int, batch_size:
 
 def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: float, batch_size: int,
                  device: torch.device, progress: bool = False, init: str = "zeros", image_size: int | None = None,
-                 workers: int = 0, precision: str = "auto") -> dict[str, float]:
+                 workers: int = 0, precision: str = "auto", world: World = SINGLE) -> dict[str, float]:
     """Fit `model.head` by L2-regularised logistic regression (full-batch L-BFGS) on frozen features.
 
     `init`: `zeros`, or `backbone` to start from the head the backbone built (CLIP's zero-shot head).
-    max_iter=0 keeps the backbone's head as it is (no features are computed)."""
+    max_iter=0 keeps the backbone's head as it is (no features are computed). Under torch.distributed the
+    features are computed over the ranks (`probe_features`) and rank 0 alone fits the head, on the same rows as
+    one process; every rank gets its statistics, and the caller sends rank 0's weights to the others."""
     if init not in ("zeros", "backbone"):
         raise ConfigError(f"finetune.linear_probe.init={init!r}: expected zeros or backbone")
     model.eval()
@@ -120,9 +141,15 @@ def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: f
         raise ConfigError("the linear probe needs training images but the dataset has none (dataset.num_train=0?): "
                           "set finetune.linear_probe.max_iter=0 and init=backbone to start from the backbone's head")
     size = image_size or int(train.images.shape[-1])
-    feats = probe_features(model, train, size, batch_size, device, workers, progress, precision).to(device).float()
-    labels = train.labels.to(device)
-    head = model.head
+    # held in a list the fit empties: the fp16 rows are freed once they are on the device as fp32
+    feats = [probe_features(model, train, size, batch_size, device, workers, progress, precision, world)]
+    return world.on_first(lambda: _fit_head(model.head, feats.pop().to(device).float(), train.labels.to(device),
+                                            max_iter, weight_decay, init))
+
+
+def _fit_head(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, max_iter: int, weight_decay: float,
+              init: str) -> dict[str, Any]:
+    """The L-BFGS fit of `head` on `feats`, in place; its training loss, accuracy and warnings."""
     if init == "zeros":
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -58,10 +58,25 @@ def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
     """Convert every checkpoint in `files` into an ingredient in `dst_dir`, measuring its held-out accuracy.
     A file imported before with the same size, time and start is reused. Ingredients stored in another dtype
     than the backbone's (bf16 among fp32) are cast, with a warning naming the file; soups average in float64."""
+    out: list[Ingredient] = []
+    for _ in import_steps(files, dst_dir, template, source, base_fp, heldout_accuracy, fmt, ema, key_map, progress,
+                          out):
+        pass
+    return out
+
+
+def import_steps(files: Sequence[Path], dst_dir: str | Path, template: Mapping[str, torch.Tensor],
+                 source: SourceKeys | None, base_fp: str, heldout_accuracy: Callable[[dict, str], float],
+                 fmt: str = "auto", ema: bool = False, key_map: Mapping[str, str] | None = None,
+                 progress: bool = False, out: list[Ingredient] | None = None
+                 ) -> Iterator[tuple[str, Callable[[], dict[str, torch.Tensor]]]]:
+    """`import_files` step by step, appending to `out`: yields (fingerprint, weights) of each file it imports
+    before measuring its held-out accuracy, so the caller can score it first: `sharding.score_missing` passes
+    it over the ranks and stores the scores, and `heldout_accuracy` then reads them."""
     from tqdm.auto import tqdm
 
     done = {g.id: g for g in list_ingredients(dst_dir)}
-    out = []
+    out = [] if out is None else out
     for path, gid in tqdm(list(zip(files, ingredient_ids(files), strict=True)), desc="import checkpoints",
                           disable=not progress, leave=False):
         record = source_record(path, {"format": fmt, "ema": ema, "key_map": dict(key_map or {})})
@@ -78,10 +93,10 @@ def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
             log.warning("%s: stored as %s, cast to the backbone's %s", path, "/".join(info["cast_from"]),
                         str(next(iter(template.values())).dtype).removeprefix("torch."))
         fp = fingerprint(state)
+        yield fp, lambda state=state: state
         meta = {**record, "import": info, "fingerprint": fp, "base_fingerprint": base_fp,
                 "hyperparameters": {"file": path.name}, "heldout_acc": heldout_accuracy(state, fp)}
         out.append(save_ingredient(dst_dir, gid, state, meta))
-    return out
 
 
 # -------------------------------------------------------------------------------------------- the start check

@@ -45,7 +45,7 @@ from soupbench.names import nfc, show_all
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
-from soupbench.sharding import built_by_every_rank, score_missing, sharded_accuracy
+from soupbench.sharding import built_by_every_rank, score_missing, sharded_accuracy, state_to_all
 from soupbench.soups.context import SoupContext, SoupResult
 
 log = logging.getLogger("soupbench")
@@ -171,41 +171,58 @@ class Run:
                 self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             self.base_fp = fingerprint(self.base)
             return
-        with file_lock(self.layout.base_lock):
-            self._prepare_base()
+        # rank 0 alone takes the lock (other jobs of a sweep wait for it); the ranks of this job follow rank 0
+        with file_lock(self.layout.base_lock) if self.world.main else contextlib.nullcontext():
+            cfg = self.cfg
+            settings = {"backbone": container(cfg.backbone), "data": self.data_key,
+                        "linear_probe": container(cfg.finetune.linear_probe)}
+            if cfg.finetune.precision != "auto":  # part of the key only when set, so earlier probes stay reusable
+                settings["precision"] = cfg.finetune.precision
+            self.base_fp, warnings = (self.world.on_first(lambda: self._stored_base(settings))
+                                      or self._fit_base(settings))
+        # rank 0's weights, in the model's key order, on every rank: the ranks of a job may not share its disk
+        self.base = state_to_all(self.world, {k: self.base[k] for k in self.model.state_dict()}
+                                 if self.world.main else {})
+        self.model.load_state_dict(self.base)
+        self.warnings += warnings
 
-    def _prepare_base(self) -> None:
-        cfg = self.cfg
-        settings = {"backbone": container(cfg.backbone), "data": self.data_key,
-                    "linear_probe": container(cfg.finetune.linear_probe)}
-        if cfg.finetune.precision != "auto":     # part of the key only when set, so earlier probes stay reusable
-            settings["precision"] = cfg.finetune.precision
-        path, meta_path = self.layout.lp_weights, self.layout.lp_meta
-        if (stored := reusable_meta(meta_path, "settings_hash", hash_settings(settings))) is not None \
-                and (base := self.verified(path, stored.get("fingerprint"), "linear probe")) is not None:
-            # in the model's key order, as a probe just fitted: the ranks of a job walk the keys in one order
-            self.base = {k: base[k] for k in self.model.state_dict()}
-            self.model.load_state_dict(self.base)
-            self.base_fp = stored["fingerprint"]
-            self.warnings += stored.get("warnings", [])
-            log.info("linear probe: reusing %s", path)
-            return
-        faults.point("lp.start")
+    def _stored_base(self, settings: dict) -> tuple[str, list[str]] | None:
+        """Rank 0: the stored linear probe of these settings into `self.base` when it is intact; its fingerprint
+        and warnings, or None."""
+        path = self.layout.lp_weights
+        if (stored := reusable_meta(self.layout.lp_meta, "settings_hash", hash_settings(settings))) is None \
+                or (base := self.verified(path, stored.get("fingerprint"), "linear probe")) is None:
+            return None
+        self.base = base
+        log.info("linear probe: reusing %s", path)
+        return stored["fingerprint"], stored.get("warnings", [])
+
+    def _fit_base(self, settings: dict) -> tuple[str, list[str]]:
+        """Fit the linear probe (features over the ranks, the head on rank 0), score it on held-out (over the
+        ranks when scores are stored) and write it (rank 0); its fingerprint and warnings on every rank."""
+        cfg, world = self.cfg, self.world
+        if world.main:
+            faults.point("lp.start")
         t0 = time.perf_counter()
         lp = cfg.finetune.linear_probe
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
                              self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers,
-                             cfg.finetune.precision)
-        self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        self.base_fp = fingerprint(self.base)
-        self.warnings += stats.get("warnings", [])
-        heldout = self.evaluator.accuracy(self.base, "heldout", self.base_fp)
-        save_weights(path, self.base, {"fingerprint": self.base_fp})
-        faults.point("lp.weights_saved")
-        write_json(meta_path, {"settings_hash": hash_settings(settings), "fingerprint": self.base_fp,
-                               "heldout_acc": heldout, "time_s": time.perf_counter() - t0, **stats,
-                               "settings": settings})
-        log.info("linear probe: held-out %.2f%% (%.1fs)", heldout, time.perf_counter() - t0)
+                             cfg.finetune.precision, world)
+        base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if world.main else {}
+        fp = fingerprint(base) if world.main else ""
+        score_missing(world, self.evaluator, lambda: [(fp, lambda: base)], self.device, ["heldout"])
+
+        def write() -> tuple[str, list[str]]:
+            self.base = base
+            heldout = self.evaluator.accuracy(base, "heldout", fp)
+            save_weights(self.layout.lp_weights, base, {"fingerprint": fp})
+            faults.point("lp.weights_saved")
+            write_json(self.layout.lp_meta, {"settings_hash": hash_settings(settings), "fingerprint": fp,
+                                             "heldout_acc": heldout, "time_s": time.perf_counter() - t0, **stats,
+                                             "settings": settings})
+            log.info("linear probe: held-out %.2f%% (%.1fs)", heldout, time.perf_counter() - t0)
+            return fp, stats.get("warnings", [])
+        return world.on_first(write)
 
     @staticmethod
     def verified(path: Path, fp: str | None, what: str) -> dict[str, torch.Tensor] | None:
@@ -258,7 +275,9 @@ class Run:
     def finetune_stage(self, tracker: tracking.Tracker) -> None:
         ft = self.cfg.finetune
         faults.set_stage("finetune")
-        if self.cfg.ingredients.from_files is not None:     # rank 0 imports (writes); the others wait for it
+        if self.cfg.ingredients.from_files is not None:
+            # every rank scores each new file's held-out as rank 0 imports it (writes), then rank 0 lists them all
+            score_missing(self.world, self.evaluator, lambda: self.import_steps([]), self.device, ["heldout"])
             self.world.on_first(lambda: self.import_stage(tracker))
             return
         if ft.probe_as_ingredient and self.world.main:
@@ -327,16 +346,23 @@ class Run:
         log.info("ingredient %s: held-out %.2f%% in %.1fs  %s", gid, meta["heldout_acc"], meta["train_time_s"], hp)
         return meta
 
-    def import_stage(self, tracker: tracking.Tracker) -> None:
-        """Checkpoints other code fine-tuned, instead of fine-tuning (ingredients.from_files)."""
+    def import_steps(self, out: list[Ingredient]) -> Iterator[tuple[str, Callable[[], dict[str, torch.Tensor]]]]:
+        """Rank 0: `importers.import_steps` of ingredients.from_files (what to score before each import)."""
         from soupbench.checkpoints import source_files
-        from soupbench.importers import import_files
+        from soupbench.importers import import_steps
 
+        ing, evaluator = self.cfg.ingredients, self.evaluator
+        return import_steps(source_files(container(ing.from_files)), self.ingredient_dir, self.base,
+                            self.model.source_keys, self.base_fp, lambda s, fp: evaluator.accuracy(s, "heldout", fp),
+                            ing.format, ing.ema, container(ing.key_map), self.progress, out)
+
+    def import_stage(self, tracker: tracking.Tracker) -> None:
+        """Checkpoints other code fine-tuned, instead of fine-tuning (ingredients.from_files); in a
+        torch.distributed job with a score store they were imported already (`finetune_stage`) and are reused."""
+        imported: list[Ingredient] = []
+        for _ in self.import_steps(imported):
+            pass
         ing = self.cfg.ingredients
-        files = source_files(container(ing.from_files))
-        imported = import_files(files, self.ingredient_dir, self.base, self.model.source_keys, self.base_fp,
-                                lambda s, fp: self.evaluator.accuracy(s, "heldout", fp), ing.format, ing.ema,
-                                container(ing.key_map), self.progress)
         for g in imported:
             self.heldout_acc(g)
         log.info("imported %d ingredients from %s", len(imported), container(ing.from_files))

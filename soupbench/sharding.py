@@ -1,9 +1,10 @@
-"""Forward passes sharded over the ranks of a torch.distributed job: each rank scores its contiguous share of a
-split's images, every rank gets the full rows (all_gather, each share padded to the longest), and rank 0 alone
-writes them to the score store.
+"""Forward passes sharded over the ranks of a torch.distributed job: each rank scores (or, for the linear probe,
+encodes) its contiguous share of a split's images, every rank gets the full rows (all_gather, each share padded
+to the longest), and rank 0 alone writes them to the score store.
 
 Shares are cut in whole batches of `eval.batch_size` (`batch_share`): every image is predicted in the same batch,
-at the same position, as one process predicts it, so the rows equal one process's bit for bit even where a
+at the same position, as one process predicts it (the linear probe's features: whole batches of `batch_bounds`,
+`fold_share`, as its one-process pass cuts them), so the rows equal one process's bit for bit even where a
 kernel's result depends on the batch's size (CPU GEMM blocking). A split with fewer batches than ranks leaves
 some ranks an empty share; they send padding only.
 
@@ -27,11 +28,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import torch
 import torch.distributed as dist
 
+from soupbench.batches import batch_bounds
 from soupbench.distributed import RankFailed, World, require_together
-from soupbench.evaluate import Evaluator, accuracy, percent
+from soupbench.evaluate import Evaluator, percent
 
 log = logging.getLogger("soupbench")
 Weights = Iterable[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]]    # (fingerprint, load) pairs
+Cut = Callable[[World, int, int], slice]      # (world, n, batch_size) -> this rank's share: batch_share, fold_share
 # one all-gather into a single tensor: all_gather_single where torch has it (2.14.1 does, and warns that
 # all_gather_into_tensor is deprecated), else all_gather_into_tensor
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -44,9 +47,20 @@ def batch_share(world: World, n: int, batch_size: int) -> slice:
     return slice(min(n, b.start * batch_size), min(n, b.stop * batch_size))
 
 
-def comm_device(device: torch.device) -> torch.device:
-    """Where tensors of a collective live: this rank's GPU (`device`) under NCCL, the CPU under gloo."""
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+def fold_share(world: World, n: int, batch_size: int) -> slice:
+    """This rank's contiguous share of n images in whole batches of `batch_bounds` (a remainder under half a
+    batch folded into the last one): the batches of one process's linear-probe feature pass."""
+    bounds = batch_bounds(n, batch_size)
+    mine = bounds[world.share(len(bounds))]
+    return slice(mine[0][0], mine[-1][1]) if mine else slice(n, n)
+
+
+def comm_device(device: torch.device | None = None) -> torch.device:
+    """Where tensors of a collective live: this rank's GPU (`device`; the current one when not given) under
+    NCCL, the CPU under gloo."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    return device if device is not None and device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
 
 
 def agree(world: World, error: BaseException | None) -> None:
@@ -65,18 +79,19 @@ def agree(world: World, error: BaseException | None) -> None:
         raise RankFailed(first)
 
 
-def share_sizes(world: World, n: int, batch_size: int) -> list[int]:
-    """Every rank's number of images under `batch_share`."""
-    return [len(range(*batch_share(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
+def share_sizes(world: World, n: int, batch_size: int, cut: Cut = batch_share) -> list[int]:
+    """Every rank's number of images under `cut`."""
+    return [len(range(*cut(World(r, world.size), n, batch_size).indices(n))) for r in range(world.size)]
 
 
-def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its `batch_share` (its length already
-    checked, before `agree`). Each rank pads its rows to the longest share, one all-gather into a single tensor
-    moves them (on `device` under NCCL), and the padding is cut away."""
+def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int, cut: Cut = batch_share,
+                device: torch.device | None = None) -> torch.Tensor:
+    """(n, ...) on every rank (on the CPU) from each rank's rows `local` of its share (`cut`; its length checked
+    by `sharded_rows` before `agree`). Each rank pads its rows to the longest share, one all-gather into a single
+    tensor moves them (on `device` under NCCL), and the padding is cut away."""
     if not world.distributed:
         return local
-    sizes = share_sizes(world, n, batch_size)
+    sizes = share_sizes(world, n, batch_size, cut)
     longest, device = max(sizes), comm_device(device)
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[:len(local)] = local
@@ -85,29 +100,31 @@ def gather_rows(world: World, local: torch.Tensor, n: int, batch_size: int, devi
     return torch.cat([out[r * longest:r * longest + s] for r, s in enumerate(sizes)]).cpu()
 
 
-def local_scores(world: World, evaluator: Evaluator, state: Mapping[str, torch.Tensor], split: str
-                 ) -> tuple[torch.Tensor, slice]:
-    """This rank's fp16 scores of its `batch_share` of `split` and that share, once every rank's pass is known to
-    have succeeded (`agree`)."""
-    n, error = len(evaluator.splits[split]), None
-    share = batch_share(world, n, evaluator.batch_size)
-    local = torch.empty((0, evaluator.columns(split)), dtype=torch.float16)
-    try:
-        local = evaluator.predict_rows(state, split, share)
-        if len(local) != (want := share_sizes(world, n, evaluator.batch_size)[world.rank]):
-            raise ValueError(f"{split}: rank {world.rank} predicted {len(local)} rows for a share of {want}")
-    except Exception as e:      # noqa: BLE001 - raised on every rank by agree
-        error = e
-    agree(world, error)
-    return local, share
-
-
 def sharded_scores(world: World, evaluator: Evaluator, state: Mapping[str, torch.Tensor], split: str
                    ) -> torch.Tensor:
     """fp16 scores (N, columns) of `state` on every image of `split`, on every rank, each rank predicting its
     `batch_share`: the rows `Evaluator.scores(state, split, cache=False)` gives in one process."""
-    local, _ = local_scores(world, evaluator, state, split)
-    return gather_rows(world, local, len(evaluator.splits[split]), evaluator.batch_size, evaluator.device)
+    return sharded_rows(world, len(evaluator.splits[split]), evaluator.batch_size,
+                        lambda rows: evaluator.predict_rows(state, split, rows),
+                        torch.empty((0, evaluator.columns(split)), dtype=torch.float16), device=evaluator.device)
+
+
+def sharded_rows(world: World, n: int, batch_size: int, compute: Callable[[slice], torch.Tensor],
+                 empty: torch.Tensor, cut: Cut = batch_share, device: torch.device | None = None) -> torch.Tensor:
+    """(n, ...) rows on every rank, each rank computing `compute(share)` for its share (`cut`) of the n images:
+    scores, per-image hits or the linear probe's features. An error on any rank (a short share included) is raised
+    on every rank (`agree`) before the rows travel; `empty` (0, ...) is what a failed rank holds meanwhile. A
+    single process computes them all."""
+    local, error = empty, None
+    try:
+        local = compute(share := cut(world, n, batch_size))
+        if world.distributed and len(local) != len(range(*share.indices(n))):
+            raise ValueError(f"rank {world.rank} computed {len(local)} rows for a share of "
+                             f"{len(range(*share.indices(n)))}")
+    except Exception as e:      # noqa: BLE001 - raised on every rank by agree
+        error = e
+    agree(world, error)
+    return gather_rows(world, local, n, batch_size, cut, device)
 
 
 def state_from_first(world: World, state: Mapping[str, torch.Tensor] | None, spec: list[tuple[str, tuple, str]],
@@ -121,6 +138,16 @@ def state_from_first(world: World, state: Mapping[str, torch.Tensor] | None, spe
         out = {k: torch.empty(shape, dtype=getattr(torch, dtype), device=device) for k, shape, dtype in spec}
     world.broadcast_(out.values())
     return out
+
+
+def state_to_all(world: World, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's `state` on every rank, on the CPU (the others' argument is ignored): its shapes (`tensor_spec`)
+    through `from_first`, then the tensors by broadcast (through the GPU under NCCL). A single process: `state`."""
+    if not world.distributed:
+        return dict(state)
+    spec = world.from_first(tensor_spec(state) if world.main else None)
+    return {k: v.cpu() for k, v in state_from_first(world, state if world.main else None, spec,
+                                                    comm_device()).items()}
 
 
 def tensor_spec(state: Mapping[str, torch.Tensor]) -> list[tuple[str, tuple, str]]:
@@ -196,8 +223,9 @@ def sharded_accuracy(world: World, evaluator: Evaluator, split: str, state: Mapp
     travel (one byte an image), not its scores, and make the one process's correctness vector, so the number
     is `accuracy`'s bit for bit."""
     sp = evaluator.splits[split]
-    if not world.distributed:
-        return accuracy(sharded_scores(world, evaluator, state, split), sp)
-    local, share = local_scores(world, evaluator, state, split)
-    hits = (local.argmax(dim=1).cpu() == sp.labels[share].cpu()).to(torch.uint8)
-    return percent(gather_rows(world, hits, len(sp), evaluator.batch_size, evaluator.device).bool())
+
+    def hits(rows: slice) -> torch.Tensor:
+        return (evaluator.predict_rows(state, split, rows).argmax(dim=1).cpu() == sp.labels[rows].cpu()).to(torch.uint8)
+
+    return percent(sharded_rows(world, len(sp), evaluator.batch_size, hits, torch.empty(0, dtype=torch.uint8),
+                                device=evaluator.device).bool())

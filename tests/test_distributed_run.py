@@ -22,7 +22,9 @@ from tests.test_distributed import descendants
 pytestmark = pytest.mark.slow        # ~4.5 min on 2 cores: five torchrun jobs, a submitit job, one process
 
 SOUPS = "soup=[best_individual,uniform,greedy,learned_plus,ensemble]"
-ARGS = ["experiment=tiny", "logger=none", SOUPS, "progress=false", "num_threads=1"]
+# eval.batch_size=48: 128 training images are 3 batches (48, 48, 32) and 96 held-out or test images 2, so both
+# ranks encode the linear probe's features and score a share of every split (with 256 rank 1's shares are empty)
+ARGS = ["experiment=tiny", "logger=none", SOUPS, "progress=false", "num_threads=1", "eval.batch_size=48"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -94,6 +96,11 @@ def test_two_ranks_give_the_one_process_results(runs):
     assert learned["info"]["ranks"] == 2             # the learned soup was split over both ranks
     results = json.loads((two / "tiny" / "results.json").read_text())
     assert results["runtime"]["world_size"] == 2
+    # the linear probe: features over both ranks, the head fitted by rank 0: one process's weights byte for byte
+    base_one, base_two = one / "tiny" / "base", two / "tiny" / "base"
+    assert (base_two / "lp.safetensors").read_bytes() == (base_one / "lp.safetensors").read_bytes()
+    lp_one, lp_two = (json.loads((b / "lp.json").read_text()) for b in (base_one, base_two))
+    assert {k: v for k, v in lp_two.items() if k != "time_s"} == {k: v for k, v in lp_one.items() if k != "time_s"}
 
 
 def test_an_error_on_rank_one_ends_both_ranks_with_its_message(runs, tmp_path):

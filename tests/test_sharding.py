@@ -1,5 +1,6 @@
-"""Scoring sharded over two gloo ranks (soupbench.sharding): every rank gets the one-process rows exactly, the
-score files rank 0 writes equal one process's byte for byte, and an error on either rank reaches both."""
+"""Scoring and the linear probe's features sharded over two gloo ranks (soupbench.sharding): every rank gets the
+one-process rows exactly, the score files rank 0 writes equal one process's byte for byte, rank 0's probe equals
+one process's, and an error on either rank reaches both."""
 
 from __future__ import annotations
 
@@ -8,12 +9,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from soupbench.batches import batch_bounds
 from soupbench.data import DataBundle, Split
 from soupbench.distributed import RankFailed, World
 from soupbench.evaluate import Evaluator
+from soupbench.finetune import linear_probe, probe_features
+from soupbench.importers import import_files, import_steps
 from soupbench.io import fingerprint
 from soupbench.rowfile import MappedRows, write_rows
-from soupbench.sharding import batch_share, built_by_every_rank, score_missing, sharded_accuracy, sharded_scores
+from soupbench.sharding import (
+    batch_share,
+    built_by_every_rank,
+    fold_share,
+    score_missing,
+    sharded_accuracy,
+    sharded_scores,
+    state_to_all,
+)
 from tests.helpers import random_split, tiny_model
 
 WORLD, BATCH = 2, 8
@@ -37,6 +49,31 @@ def states() -> list[dict[str, torch.Tensor]]:
     return [tiny_model(seed=s).state_dict() for s in (0, 1)]
 
 
+def train_split() -> Split:
+    """35 images in batches of 8 cut by the fold rule: 8, 8, 8 and 11 (a remainder of 3 folded into the last
+    batch), so rank 0 encodes 16 images and rank 1 19; `batch_share` would have cut 24 and 11."""
+    return random_split(35, seed=4, name="train")
+
+
+def probe(world: World) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
+    """The probe's features, its statistics and the fitted model's weights."""
+    cpu = torch.device("cpu")
+    feats = probe_features(tiny_model(), train_split(), 8, BATCH, cpu, world=world)
+    model = tiny_model()
+    stats = linear_probe(model, train_split(), 20, 1e-3, BATCH, cpu, world=world)
+    return feats, stats, model.state_dict()
+
+
+def imports(tmp_path, store: str, steps: bool = False):
+    """Two checkpoint files imported as ingredients into `store`, measured on held-out by `store`'s evaluator:
+    `import_files`, or its steps (`import_steps`) to hand to score_missing."""
+    ev = evaluator(tmp_path, store)
+    files = [tmp_path / f"model{s}.pt" for s in (2, 3)]
+    args = (files, tmp_path / f"{store}-ingredients", tiny_model().state_dict(), None, "b" * 64,
+            lambda s, fp: ev.accuracy(s, "heldout", fp))
+    return ev, import_steps(*args) if steps else import_files(*args)
+
+
 def evaluator(tmp_path, store: str) -> Evaluator:
     return Evaluator(tiny_model(), bundle(tmp_path), tmp_path / store, "k", BATCH, torch.device("cpu"))
 
@@ -49,6 +86,15 @@ def worker(rank: int, tmp_path) -> None:
     rows = {s: sharded_scores(world, ev, states()[0], s) for s in ev.splits}
     rows["accuracy"] = torch.tensor(sharded_accuracy(world, ev, "grouped", states()[1]), dtype=torch.float64)
     torch.save(rows, tmp_path / f"rows{rank}.pt")
+    # rank 0 imports each file as the ranks score its held-out, then lists them (all reused)
+    steps = lambda: imports(tmp_path, "import_two", steps=True)[1]      # noqa: E731
+    scored = score_missing(world, evaluator(tmp_path, "import_two"), steps, torch.device("cpu"), ["heldout"])
+    listed = world.on_first(lambda: [(g.id, g.fingerprint, g.heldout_acc) for g in imports(tmp_path, "import_two")[1]])
+    torch.save({"scored": scored, "listed": listed}, tmp_path / f"imported{rank}.pt")
+    feats, stats, state = probe(world)
+    received = state_to_all(world, state if rank == 0 else {})
+    torch.save({"features": feats, "stats": stats, "state": state, "received": received},
+               tmp_path / f"probe{rank}.pt")
 
     loads = []
     weights = [(fingerprint(st), lambda st=st: loads.append(1) or st) for st in states()]
@@ -80,6 +126,8 @@ def worker(rank: int, tmp_path) -> None:
 def two_ranks(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sharding")
     bundle(tmp_path)                         # the mapped split's file, written once before the ranks start
+    for seed in (2, 3):                      # the checkpoints to import
+        torch.save(tiny_model(seed=seed).state_dict(), tmp_path / f"model{seed}.pt")
     mp.spawn(worker, args=(tmp_path,), nprocs=WORLD, join=True)
     return tmp_path
 
@@ -89,6 +137,16 @@ def test_shares_are_whole_batches_and_cover_every_image():
         shares = [batch_share(World(r, 3), n, BATCH) for r in range(3)]
         assert [i for s in shares for i in range(s.start, s.stop)] == list(range(n))
         assert all(s.start % BATCH == 0 for s in shares if s.stop > s.start)
+
+
+def test_feature_shares_are_whole_batches_of_one_process():
+    for n in (0, 1, 7, 11, 12, 35, 64):
+        bounds = batch_bounds(n, BATCH)
+        shares = [fold_share(World(r, 3), n, BATCH) for r in range(3)]
+        assert [i for s in shares for i in range(s.start, s.stop)] == list(range(n))
+        starts, stops = {a for a, _ in bounds}, {b for _, b in bounds}
+        assert all(s.start in starts and s.stop in stops for s in shares if s.stop > s.start)
+    assert [fold_share(World(r, 2), 35, BATCH) for r in range(2)] == [slice(0, 16), slice(16, 35)]
 
 
 def test_greedy_wise_ft_and_learned_soups_are_built_by_every_rank_of_a_job():
@@ -136,3 +194,27 @@ def test_an_error_on_either_rank_is_raised_on_both(two_ranks):
     assert one["predict_error"] == "RuntimeError: out of memory on rank 1"
     assert zero["nested"].startswith("RuntimeError: World.sum_: a collective inside World.on_first")
     assert one["nested"].startswith("RankFailed: rank 0: RuntimeError: World.sum_: a collective inside")
+
+
+def test_the_linear_probe_features_and_fit_equal_one_process(two_ranks):
+    feats, stats, state = probe(World())
+    assert feats.dtype == torch.float16 and feats.shape == (35, tiny_model().feature_dim)
+    for rank in range(WORLD):
+        got = torch.load(two_ranks / f"probe{rank}.pt")
+        assert torch.equal(got["features"], feats), rank
+        assert got["stats"] == stats, rank                   # rank 0's fit, sent to every rank
+        assert list(got["received"]) == list(state)          # rank 0's weights on every rank, in its key order
+        assert all(torch.equal(got["received"][k], v) for k, v in state.items()), rank
+    zero = torch.load(two_ranks / "probe0.pt")["state"]      # only rank 0 fits the head
+    assert all(torch.equal(zero[k], v) for k, v in state.items())
+
+
+def test_imported_checkpoints_are_scored_over_the_ranks_as_one_process_scores_them(two_ranks):
+    one, imported = imports(two_ranks, "import_one")
+    want = [(g.id, g.fingerprint, g.heldout_acc) for g in imported]
+    two = evaluator(two_ranks, "import_two")
+    for rank in range(WORLD):
+        got = torch.load(two_ranks / f"imported{rank}.pt")
+        assert got["scored"] == 2 and got["listed"] == want, rank
+    for _, fp, _ in want:
+        assert two.score_file(fp, "heldout").read_bytes() == one.score_file(fp, "heldout").read_bytes()
