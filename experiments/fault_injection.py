@@ -205,6 +205,7 @@ class Harness:
             case.outcome, case.detail = "skipped", "no such artefact in this run"
             return self.record(case, t0)
         damage_file(path, mode)
+        damaged = path.read_bytes() if path.is_file() else None
         rc, text = self.soupbench(out, *self.variant_args(variant))
         if rc == 2:
             errors = [x for x in text.splitlines() if x.startswith("soupbench: error:")]
@@ -213,6 +214,8 @@ class Harness:
             case.detail = errors[0] if errors else last_line(text)
         elif rc == 0:
             diffs = self.check_equal(out / "tiny", variant) + half_written(out / "tiny")
+            if not path.is_file() or path.read_bytes() == damaged:      # used as it was, or never written again
+                diffs.append(f"{path.name} was not rewritten: the damage went unnoticed")
             case.outcome = "recomputed" if not diffs else "failed"
             case.detail = "; ".join(diffs)[:400] or f"{path.name} rewritten"
         else:
