@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from soupbench import diagnostics, distributed, faults, report, stats, tracking
-from soupbench.backbones import Classifier, has_batchnorm, recalibrate_batchnorm
+from soupbench.backbones import Classifier, has_batchnorm, host_state, recalibrate_batchnorm
 from soupbench.backbones.depthwise_grad import set_depthwise_grad
 from soupbench.config_schema import validate
 from soupbench.data import DataBundle, Split
@@ -168,7 +168,7 @@ class Run:
                 self.model.load_state_dict(self.base)
                 log.info("start θ0: %s (%s, head from the %s)", ing.start, info["format"], info["head"])
             else:
-                self.base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.base = host_state(self.model)
             self.base_fp = fingerprint(self.base)
             return
         # rank 0 alone takes the lock (other jobs of a sweep wait for it); the ranks of this job follow rank 0
@@ -208,7 +208,7 @@ class Run:
         stats = linear_probe(self.model, self.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size,
                              self.device, self.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers,
                              cfg.finetune.precision, world)
-        base = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if world.main else {}
+        base = host_state(self.model) if world.main else {}
         fp = fingerprint(base) if world.main else ""
         score_missing(world, self.evaluator, lambda: [(fp, lambda: base)], self.device, ["heldout"])
 
@@ -330,7 +330,7 @@ class Run:
         stats = finetune(self.model, self.base, train, hp, seed, settings, self.device, self.progress, desc,
                          checkpoint, self.world)
         # rank 0's weights (a rank's BatchNorm statistics are its own) scored on held-out by every rank
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()} if self.world.main else {}
+        state = host_state(self.model) if self.world.main else {}
         fp = fingerprint(state) if self.world.main else ""
         score_missing(self.world, self.evaluator, lambda: [(fp, lambda: state)], self.device, ["heldout"])
         if not self.world.main:

@@ -9,6 +9,12 @@ computes, such as CLIP's zero-shot head, runs there).
 - `depthwise_grad.set_depthwise_grad`: a faster CPU weight gradient for depthwise convolutions on small maps.
 """
 
-from soupbench.backbones.classifier import Classifier, has_batchnorm, recalibrate_batchnorm, set_batchnorm_eval
+from soupbench.backbones.classifier import (
+    Classifier,
+    has_batchnorm,
+    host_state,
+    recalibrate_batchnorm,
+    set_batchnorm_eval,
+)
 
-__all__ = ["Classifier", "has_batchnorm", "recalibrate_batchnorm", "set_batchnorm_eval"]
+__all__ = ["Classifier", "has_batchnorm", "host_state", "recalibrate_batchnorm", "set_batchnorm_eval"]

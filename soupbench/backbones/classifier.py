@@ -99,4 +99,9 @@ def recalibrate_batchnorm(model: nn.Module, state: dict[str, torch.Tensor], imag
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
     model.eval()
+    return host_state(model)
+
+
+def host_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state dict on the host, detached: what soupbench fingerprints, saves and scores."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
