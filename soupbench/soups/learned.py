@@ -102,16 +102,27 @@ def combine(centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, 
     once to D_l's dtype. A product of two float32 numbers is exact in float64, so the rounded soup is the same
     however the rows are split (over ranks, or into chunks) barring a tie at float64 precision: W ranks build
     one process's soup bit for bit. Across ranks each holds some rows of D and w; its float64 partial sums are
-    all-reduced, then c is added. Transient memory: one float64 copy of a tensor, or of a 4M-element chunk."""
+    all-reduced (all tensors at once), then c is added. Transient memory in one process: one float64 copy of a
+    tensor, or of a 4M-element chunk; across ranks the float64 partial sums of every tensor, launched together."""
     out = {}
+    partial: dict[str, torch.Tensor] = {}
     for j, n in enumerate(names):
-        d = directions[n]
-        acc = _weighted_rows64(d.flatten(1), weights[:, j])
-        ranks.sum_([acc])
-        if centre is not None:
-            acc.add_(centre[n].flatten())
-        out[n] = acc.to(d.dtype).view(d.shape[1:])
+        partial[n] = _weighted_rows64(directions[n].flatten(1), weights[:, j])
+        if not ranks.distributed:            # one process: each float64 copy lives only while its tensor is built
+            out[n] = _finish(partial.pop(n), centre, directions, n)
+    if partial:                              # several ranks: one all-reduce launch for every tensor, then one wait
+        ranks.sum_(partial.values())
+        out = {n: _finish(acc, centre, directions, n) for n, acc in partial.items()}
     return out
+
+
+def _finish(acc: torch.Tensor, centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor],
+            n: str) -> torch.Tensor:
+    """The float64 sum of tensor `n` plus its centre, rounded once to the directions' dtype and shape."""
+    if centre is not None:
+        acc.add_(centre[n].flatten())
+    d = directions[n]
+    return acc.to(d.dtype).view(d.shape[1:])
 
 
 CHUNK_ELEMENTS = 1 << 22    # float64 working copies of directions are made this many elements (or a row) at a time
