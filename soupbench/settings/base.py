@@ -21,6 +21,8 @@ import annotated_types as at
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
+from soupbench.settings.choices import Distribution
+
 REQUIRED = "???"                      # OmegaConf's missing value: the user has to set it
 _REQUIRED_TEXT = "required: set it on the command line or in a preset"
 
@@ -35,6 +37,7 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]    # an integer is a number too
 Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
+TARGET = "_target_"                   # Hydra's factory key: declare it as `target_: Str = Field(alias=TARGET)`
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def matching(pattern: str, what: str) -> Any:
 
 # ------------------------------------------------------------------------------- search-space axes
 
-DISTRIBUTIONS = ("log_uniform", "uniform", "int_uniform", "uniform_or_zero", "rand_augment")
+DISTRIBUTIONS = tuple(Distribution)
 T = TypeVar("T")
 
 
@@ -153,6 +156,8 @@ def describe(annotation: Any, metadata: Sequence[Any] = ()) -> str:
     axis_ = next((m for m in meta if isinstance(m, Axis)), None)
     if axis_ is not None:
         text = f"a list of choices or {{{'|'.join(DISTRIBUTIONS)}: [low, high]}}, of {_scalar(axis_.item, (), True)}"
+    elif _is_union(annotation):
+        text = " or ".join(describe(a) for a in typing.get_args(annotation))
     elif typing.get_origin(annotation) in (list, tuple):
         text = f"a list of {_scalar(typing.get_args(annotation)[0], (), True)}"
     elif typing.get_origin(annotation) is dict:
@@ -170,6 +175,8 @@ def _scalar(annotation: Any, metadata: Sequence[Any], many: bool) -> str:
         return what
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return ("values among " if many else "one of ") + ", ".join(str(m.value) for m in annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return ("values among " if many else "one of ") + ", ".join(map(str, typing.get_args(annotation)))
     names = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
              str: ("a string", "strings")}
     text = names.get(annotation, ("a value", "values"))[many]
@@ -226,7 +233,7 @@ def _leaf(model: type[Settings], loc: tuple) -> tuple[tuple, str | None]:
     for i, part in enumerate(loc):
         sub = _model_of(current)
         if sub is not None:
-            field = sub.model_fields.get(part) if isinstance(part, str) else None
+            field = keys(sub).get(part) if isinstance(part, str) else None
             if field is None:
                 return loc[:i + 1], None
             current, meta = field.annotation, [field]
@@ -254,9 +261,14 @@ def _keys(model: type[Settings], key: tuple) -> list[str]:
     current: Any = model
     for part in key:
         sub = _model_of(current)
-        current = sub.model_fields[part].annotation if sub is not None else _dict_value(current)
+        current = keys(sub)[part].annotation if sub is not None else _dict_value(current)
     sub = _model_of(current)
-    return list(sub.model_fields) if sub is not None else []
+    return list(keys(sub)) if sub is not None else []
+
+
+def keys(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    """A model's fields by the key a config writes (`_target_` is declared as `target_` with that alias)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
 
 
 def _at(node: Any, key: tuple) -> Any:

@@ -1,0 +1,88 @@
+"""The composed config checked against the settings models before any data is loaded: a wrong type or value
+stops the run with one line naming the key (exit 2), not with a traceback from deep inside a loader or an
+optimiser minutes later."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from soupbench.errors import ConfigError
+from soupbench.settings import backbone, dataset, logger
+from soupbench.settings.base import problems
+from soupbench.settings.choices import Device
+from soupbench.settings.finetune import Finetune
+from soupbench.settings.run import GROUPS, Run
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every setting, then the device against this machine: raises ConfigError naming the key."""
+    check_settings(cfg)
+    check_device(str(cfg.device))
+
+
+def check_settings(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Every setting (machine-independent: a sweep's launcher checks this before any job). Several problems
+    are one line: the first, then the other keys."""
+    found = config_problems(cfg)
+    if found:
+        also = f" (also: {', '.join(p.split('=', 1)[0] for p in found[1:])})" if len(found) > 1 else ""
+        raise ConfigError(found[0] + also)
+
+
+def check_device(name: str) -> None:
+    """A CUDA device must exist where the work runs (checked in a sweep's jobs, not on its login node)."""
+    if not name.startswith(Device.CUDA):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: no CUDA device is available (torch.cuda.is_available() is False); "
+                          "use device=cpu or auto")
+    index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
+def config_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
+    """One line per bad key, `key=value: expected ...`, in the config's order (Hydra's own node skipped)."""
+    node = plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    node.pop("hydra", None)
+    found = problems(Run, {k: {} if k in GROUPS else v for k, v in node.items()}, "")
+    groups = {"paths": lambda n: problems(logger.Paths, n, "paths"),
+              "backbone": lambda n: problems(backbone.model_for(n), n, "backbone"),
+              "dataset": lambda n: problems(dataset.model_for(n), n, "dataset"),
+              "finetune": lambda n: problems(Finetune, n, "finetune"),
+              "soup": soup_problems,
+              "logger": lambda n: problems(logger.model_for(n), n, "logger")}
+    for key, check in groups.items():
+        if key in node:
+            found += check(node[key]) if isinstance(node[key], Mapping) else \
+                [f"{key}={node[key]!r}: expected a config group"]
+    order = {k: i for i, k in enumerate(node)}
+    return sorted(found, key=lambda line: order.get(_top(line), len(order)))
+
+
+def soup_problems(node: Mapping[str, Any]) -> list[str]:
+    """Each soup method's settings against its own declaration: the selected ones, and those a preset sets
+    for a method the command line then leaves out (no `_target_`; a bad value there is still named)."""
+    from soupbench.soups.registry import settings_problems
+
+    out = []
+    for name, settings in node.items():
+        out += settings_problems(name, settings) if isinstance(settings, Mapping) else \
+            [f"soup.{name}={settings!r}: expected a soup method's settings"]
+    return out
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config without `hydra`, resolved, `???` kept as it is."""
+    mine = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_container(mine, resolve=True, throw_on_missing=False)
+
+
+def _top(line: str) -> str:
+    key = line.split("=", 1)[0]
+    return key.split(".", 1)[0].split("[", 1)[0]
