@@ -30,8 +30,8 @@ import torch
 from soupbench.backbones.source_keys import SourceKeys
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.ingredients import natural_key
+from soupbench.settings.choices import CheckpointFormat, values
 
-FORMATS = ("auto", "state_dict", "timm", "lightning", "open_clip", "huggingface", "model_soups")
 SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")     # .tar: timm train.py's model_best.pth.tar
 # a model folder, in the order they are looked for (safetensors first, as Hugging Face does)
 FOLDER_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -181,9 +181,9 @@ def unwrap(obj: object, path: Path, ema: bool = False) -> tuple[dict[str, torch.
 def read_checkpoint(path: str | Path, fmt: str = "auto", ema: bool = False
                     ) -> tuple[dict[str, torch.Tensor], dict]:
     """One checkpoint file or model folder -> (flat state dict in the file's own key names, info). `fmt`
-    names the expected format (one of FORMATS): a file of another detected format is refused."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"ingredients.format={fmt!r}: expected one of {FORMATS}")
+    names the expected format (a CheckpointFormat): a file of another detected format is refused."""
+    if fmt not in values(CheckpointFormat):
+        raise ConfigError(f"ingredients.format={fmt!r}: expected one of {tuple(values(CheckpointFormat))}")
     path = Path(path)
     if path.is_dir():
         state, kind = _read_folder(path), "huggingface"

@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 
 from soupbench.errors import ConfigError, SoupbenchError
+from soupbench.settings.choices import SoupDistributed, values
 
 log = logging.getLogger("soupbench")
-MODES = ("auto", "off")
 _WAIT_GROUP: Any = None     # gloo group for waiting on rank 0's own work (init); None: the default group
 _ALONE = False              # inside World.on_first on rank 0: the other ranks wait, so no collective may start
 
@@ -144,9 +144,9 @@ def require_together(what: str) -> None:
 def resolve_ranks(mode: str) -> World:
     """`auto`: the default torch.distributed group when one is initialised with more than one process, else a
     single process; `off`: a single process whatever is initialised (every rank then builds the whole soup)."""
-    if mode not in MODES:
-        raise ConfigError(f"distributed={mode!r}: expected one of {list(MODES)}")
-    if mode == "off" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if mode not in values(SoupDistributed):
+        raise ConfigError(f"distributed={mode!r}: expected one of {values(SoupDistributed)}")
+    if mode == SoupDistributed.OFF or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return SINGLE
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -28,6 +28,7 @@ from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import fingerprint, to_device
 from soupbench.rowfile import MappedRows, in_memory, write_rows
 from soupbench.runtime import autocast, like_model, release_host_memory
+from soupbench.settings.choices import ImagesOnDevice, values
 
 log = logging.getLogger("soupbench")
 
@@ -208,9 +209,10 @@ class Evaluator:
         self.device = device
         self.progress = progress
         self.precision = precision
-        if images_on_device not in ("none", "heldout", "all"):
+        if images_on_device not in values(ImagesOnDevice):
             raise ConfigError(f"eval.images_on_device={images_on_device!r}: expected none, heldout or all")
-        resident = {"none": set(), "heldout": {"heldout"}, "all": set(self.splits)}[images_on_device]
+        resident = {ImagesOnDevice.NONE: set(), ImagesOnDevice.HELDOUT: {"heldout"},
+                    ImagesOnDevice.ALL: set(self.splits)}[ImagesOnDevice(images_on_device)]
         self.resident = resident if device.type == "cuda" else set()
         self._device_images: dict[str, torch.Tensor] = {}
 

@@ -27,8 +27,7 @@ import torch
 from soupbench.backbones.source_keys import SourceKeys
 from soupbench.errors import ConfigError
 from soupbench.io import atomic_path, save_weights
-
-EXPORT_FORMATS = ("state_dict", "huggingface", "open_clip")
+from soupbench.settings.choices import ExportFormat, values
 
 
 def _fresh(path: Path, fp: str) -> bool:
@@ -49,9 +48,9 @@ def _fresh(path: Path, fp: str) -> bool:
 
 def check_formats(formats: Sequence[str], source: SourceKeys | None) -> None:
     """ConfigError naming `export.formats` when a format does not fit the backbone (checked before any work)."""
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    unknown = [f for f in formats if f not in values(ExportFormat)]
     if unknown:
-        raise ConfigError(f"export.formats: unknown {unknown}; expected some of {list(EXPORT_FORMATS)}")
+        raise ConfigError(f"export.formats: unknown {unknown}; expected some of {values(ExportFormat)}")
     if not formats:
         return
     if source is None:

@@ -34,6 +34,7 @@ from soupbench.guards import (
 )
 from soupbench.io import hash_settings, save_torch
 from soupbench.runtime import autocast, cosine_with_warmup, progress_bar
+from soupbench.settings.choices import Augment, Distribution, ProbeInit, Search
 from soupbench.sharding import fold_share, sharded_rows
 
 log = logging.getLogger("soupbench")
@@ -47,15 +48,15 @@ def _draw(spec: Any, rng: random.Random, name: str) -> Any:
     if isinstance(spec, Mapping) and len(spec) == 1:
         (kind, bounds), = spec.items()
         lo, hi = bounds
-        if kind == "log_uniform":
+        if kind == Distribution.LOG_UNIFORM:
             return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-        if kind == "uniform":
+        if kind == Distribution.UNIFORM:
             return rng.uniform(lo, hi)
-        if kind == "int_uniform":
+        if kind == Distribution.INT_UNIFORM:
             return rng.randint(int(lo), int(hi))
-        if kind == "uniform_or_zero":         # the model-soups search: label smoothing and mixup in half the runs
+        if kind == Distribution.UNIFORM_OR_ZERO:  # the model-soups search: label smoothing and mixup in half the runs
             return rng.uniform(lo, hi) if rng.random() < 0.5 else 0.0
-        if kind == "rand_augment":            # [max magnitude, max layers]: RandAugment in half the runs
+        if kind == Distribution.RAND_AUGMENT:     # [max magnitude, max layers]: RandAugment in half the runs
             return f"rand-m{rng.randint(1, int(lo))}-n{rng.randint(0, int(hi))}" if rng.random() < 0.5 else "none"
     raise ConfigError(f"finetune.space.{name}: expected a list or one of {{log_uniform|uniform|int_uniform|"
                       f"uniform_or_zero|rand_augment: [low, high]}}, got {spec!r}")
@@ -66,13 +67,13 @@ def hyperparameter_configs(search: str, space: Mapping[str, Any], num_ingredient
     """The ingredients' hyperparameters. Random search draws config i from its own seeded generator, so
     raising num_ingredients keeps the first ones (and their finished checkpoints) unchanged."""
     names = sorted(space)
-    if search == "grid":
+    if search == Search.GRID:
         for n in names:
             if not isinstance(space[n], list | tuple):
                 raise ConfigError(f"finetune.space.{n}: a grid search needs a list of values")
         configs = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(space[n] for n in names))]
         return configs[:num_ingredients] if num_ingredients else configs
-    if search == "random":
+    if search == Search.RANDOM:
         if not num_ingredients:
             raise ConfigError("finetune.num_ingredients must be set for a random search")
         return [{n: _draw(space[n], random.Random(f"{search_seed}-{i}-{n}"), n) for n in names}
@@ -129,11 +130,11 @@ def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: f
     max_iter=0 keeps the backbone's head as it is (no features are computed). Under torch.distributed the
     features are computed over the ranks (`probe_features`) and rank 0 alone fits the head, on the same rows as
     one process; every rank gets its statistics, and the caller sends rank 0's weights to the others."""
-    if init not in ("zeros", "backbone"):
+    if init not in (ProbeInit.ZEROS, ProbeInit.BACKBONE):
         raise ConfigError(f"finetune.linear_probe.init={init!r}: expected zeros or backbone")
     model.eval()
     if max_iter == 0:
-        if init == "zeros":
+        if init == ProbeInit.ZEROS:
             raise ConfigError("finetune.linear_probe.max_iter=0 keeps the backbone's head: set "
                               "finetune.linear_probe.init=backbone (e.g. CLIP's zero-shot head)")
         return {"lp_skipped": True}
@@ -150,7 +151,7 @@ def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: f
 def _fit_head(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, max_iter: int, weight_decay: float,
               init: str) -> dict[str, Any]:
     """The L-BFGS fit of `head` on `feats`, in place; its training loss, accuracy and warnings."""
-    if init == "zeros":
+    if init == ProbeInit.ZEROS:
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
     opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
@@ -231,8 +232,8 @@ def finetune(model: Classifier, start: Mapping[str, torch.Tensor], train: Split,
         raise ConfigError(f"finetune.batch_size={settings.batch_size} does not divide over {world.size} ranks")
     local_batch = settings.batch_size // world.size
     # RandAugment's fill under augment=timm, read from the host (one device read per ingredient otherwise)
-    mean = tuple((model.pixel_mean.flatten().cpu() / 255.0).tolist()) if hp.get("augment") == "timm" else None
-    data = TrainImages(train, train_transform(str(hp.get("augment", "none")), settings.image_size,
+    mean = tuple((model.pixel_mean.flatten().cpu() / 255.0).tolist()) if hp.get("augment") == Augment.TIMM else None
+    data = TrainImages(train, train_transform(str(hp.get("augment", Augment.NONE)), settings.image_size,
                                               hp.get("randaugment"), mean), seed)
     epochs = int(hp["epochs"])
     per_rank = math.ceil(len(train) / world.size)                # DistributedSampler pads every share to this

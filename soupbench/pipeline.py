@@ -21,7 +21,6 @@ from omegaconf import DictConfig, OmegaConf
 from soupbench import diagnostics, distributed, faults, report, stats, tracking
 from soupbench.backbones import Classifier, has_batchnorm, host_state, recalibrate_batchnorm
 from soupbench.backbones.depthwise_grad import set_depthwise_grad
-from soupbench.config_schema import validate
 from soupbench.data import DataBundle, Split
 from soupbench.data.streaming import decoded
 from soupbench.distributed import barrier
@@ -45,6 +44,7 @@ from soupbench.names import nfc, show_all
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
+from soupbench.settings.check import validate
 from soupbench.sharding import built_by_every_rank, score_missing, sharded_accuracy, state_to_all
 from soupbench.soups.context import SoupContext, SoupResult
 

@@ -16,17 +16,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from soupbench.config_schema import check_device
 from soupbench.errors import ConfigError
-
-PRECISIONS = ("auto", "bf16", "fp32")
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+from soupbench.settings.check import check_device
+from soupbench.settings.choices import Device, MemoryFormat, Precision, values
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == Device.AUTO:
+        return torch.device(Device.CUDA.value if torch.cuda.is_available() else Device.CPU.value)
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -37,9 +35,9 @@ def resolve_device(name: str) -> torch.device:
 
 def use_bf16(device: torch.device, precision: str, setting: str = "eval.precision") -> bool:
     """`auto`: bf16 autocast on CUDA, fp32 on the CPU (where bf16 is slow on most processors)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{setting}={precision!r}: expected one of {list(PRECISIONS)}")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if precision not in values(Precision):
+        raise ConfigError(f"{setting}={precision!r}: expected one of {values(Precision)}")
+    return precision == Precision.BF16 or (precision == Precision.AUTO and device.type == "cuda")
 
 
 def autocast(device: torch.device, precision: str = "auto", setting: str = "eval.precision"):
@@ -62,12 +60,13 @@ def set_memory_format(model: torch.nn.Module, name: str, device: torch.device) -
     in inference (training gains with `depthwise_grad` too; 2 cores, experiments/bench_cpu_kernels.py);
     contiguous elsewhere (not measured on CUDA: set channels_last there to try it). Weights saved or
     fingerprinted are made contiguous first, so files never depend on it."""
-    if name not in MEMORY_FORMATS:
-        raise ConfigError(f"memory_format={name!r}: expected one of {list(MEMORY_FORMATS)}")
-    if name == "auto":
-        name = "channels_last" if device.type == "cpu" and is_convolutional(model) else "contiguous"
-    model.to(memory_format=torch.channels_last if name == "channels_last" else torch.contiguous_format)
-    return name
+    if name not in values(MemoryFormat):
+        raise ConfigError(f"memory_format={name!r}: expected one of {values(MemoryFormat)}")
+    if name == MemoryFormat.AUTO:
+        name = MemoryFormat.CHANNELS_LAST if device.type == "cpu" and is_convolutional(model) \
+            else MemoryFormat.CONTIGUOUS
+    model.to(memory_format=torch.channels_last if name == MemoryFormat.CHANNELS_LAST else torch.contiguous_format)
+    return str(name)
 
 
 def like_model(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,11 +18,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from soupbench.config_schema import check_settings
 from soupbench.errors import report_errors
 from soupbench.io import write_json
 from soupbench.resolvers import override_values, seed_tag
 from soupbench.run_layout import RunLayout
+from soupbench.settings.check import check_settings
 
 log = logging.getLogger("soupbench")
 FAILED_MARKER = "FAILED.json"

@@ -10,6 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from soupbench.settings.choices import LoggerKind
+
 
 class Tracker:
     """No-op tracker (logger=none); WandbTracker overrides what it records."""
@@ -61,9 +63,9 @@ class WandbTracker(Tracker):
 def start(cfg: DictConfig, run_name: str, job_type: str = "soup") -> Tracker:
     """One W&B run per invocation; the jobs of a sweep share the experiment's name as their group."""
     kind = cfg.logger.kind
-    if kind == "none":
+    if kind == LoggerKind.NONE:
         return Tracker()
-    if kind == "wandb":
+    if kind == LoggerKind.WANDB:
         return WandbTracker(cfg.logger, OmegaConf.to_container(cfg, resolve=True), run_name, job_type)
     from soupbench.errors import ConfigError
 

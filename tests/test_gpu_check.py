@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from soupbench.config_schema import validate
+from soupbench.settings.check import validate
 from tests.helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,16 +9,17 @@ import torch
 from PIL import Image
 
 from soupbench.data import Split
-from soupbench.data.streaming import AUGMENTS, TrainImages, decoded, epoch_loader, train_transform
+from soupbench.data.streaming import TrainImages, decoded, epoch_loader, train_transform
 from soupbench.errors import ConfigError
 from soupbench.rowfile import MappedRows, write_rows
 from soupbench.runtime import LogProgress
+from soupbench.settings.choices import Augment
 from tests.helpers import random_split
 
 
 def test_every_augmentation_keeps_uint8_at_the_input_size_and_is_seeded():
     x = torch.randint(0, 256, (3, 20, 28), dtype=torch.uint8)            # a full-size file: not square
-    for mode in AUGMENTS:
+    for mode in Augment:
         for rand_aug in (None, "rand-m9-n2"):
             t = train_transform(mode, 16, rand_aug)
             a, b = (t(x, torch.Generator().manual_seed(3)) for _ in range(2))

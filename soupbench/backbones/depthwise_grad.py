@@ -22,8 +22,8 @@ from timm.layers.padding import pad_same
 from torch import nn
 
 from soupbench.errors import ConfigError
+from soupbench.settings.choices import DepthwiseGrad, values
 
-DEPTHWISE_GRADS = ("auto", "taps", "native")
 MAX_MAP = 16                  # output positions (4x4) up to which the weight gradient is taken here
 
 
@@ -103,9 +103,9 @@ def set_depthwise_grad(model: nn.Module, name: str, device: torch.device) -> int
     """The weight gradient of the model's depthwise convolutions per `name`: `taps` (this module's, on small
     maps), `native` (the library's kernel), `auto` (taps on the CPU, where it was measured; CUDA's kernel is
     left alone). Returns how many convolutions use the taps."""
-    if name not in DEPTHWISE_GRADS:
-        raise ConfigError(f"depthwise_grad={name!r}: expected one of {list(DEPTHWISE_GRADS)}")
-    use = name == "taps" or (name == "auto" and device.type == "cpu")
+    if name not in values(DepthwiseGrad):
+        raise ConfigError(f"depthwise_grad={name!r}: expected one of {values(DepthwiseGrad)}")
+    use = name == DepthwiseGrad.TAPS or (name == DepthwiseGrad.AUTO and device.type == "cpu")
     n = 0
     for m in model.modules():
         if _is_depthwise(m):

@@ -24,8 +24,8 @@ from soupbench.batches import FoldedBatches
 from soupbench.data import Split
 from soupbench.data.decoded_cache import clip_eval_transform
 from soupbench.errors import ConfigError, DataError
+from soupbench.settings.choices import Augment, values
 
-AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip", "timm")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -136,20 +136,20 @@ def train_transform(augment: str, size: int, randaugment: str | None = None,
     `transforms_imagenet_train` as model-soups finetune.py uses it, see `_timm_imagenet_train`; `mean`: the
     backbone's normalisation mean, RandAugment's fill, CLIP's when None); `randaugment`: a timm string, or
     None / "none" for no RandAugment."""
-    if augment not in AUGMENTS:
-        raise ConfigError(f"finetune augment={augment!r}: expected one of {list(AUGMENTS)}")
-    if augment == "timm":
+    if augment not in values(Augment):
+        raise ConfigError(f"finetune augment={augment!r}: expected one of {values(Augment)}")
+    if augment == Augment.TIMM:
         return _timm_imagenet_train(size, randaugment, CLIP_MEAN if mean is None else mean)
     rand_aug = _rand_augment(randaugment) if randaugment not in (None, "", "none") else None
 
     def transform(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if augment == "rrc_flip":
+        if augment == Augment.RRC_FLIP:
             x = _resized_crop(x, size, gen)
         else:
             x = _center(x, size)
-            if augment in ("crop", "crop_flip"):
+            if augment in (Augment.CROP, Augment.CROP_FLIP):
                 x = _pad_crop(x, gen)
-        if augment in ("crop_flip", "rrc_flip") and torch.rand(1, generator=gen).item() < 0.5:
+        if augment in (Augment.CROP_FLIP, Augment.RRC_FLIP) and torch.rand(1, generator=gen).item() < 0.5:
             x = x.flip(-1)
         if rand_aug is not None:
             x = rand_aug(x, gen)

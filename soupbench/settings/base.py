@@ -122,6 +122,8 @@ def axis(item: Any, *ranges: type) -> Any:
 
 def problems(model: type[Settings], node: Mapping[str, Any], prefix: str) -> list[str]:
     """One line per key of `node` (keys under `prefix`) that breaks `model`, in the node's order."""
+    if not isinstance(node, Mapping):
+        return [f"{prefix}={show(node)}: expected a mapping of settings"]
     found: dict[tuple, str] = {}
     try:
         model.model_validate(dict(node))

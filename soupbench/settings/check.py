@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from soupbench.errors import ConfigError
 from soupbench.settings import backbone, dataset, logger
-from soupbench.settings.base import problems
+from soupbench.settings.base import Settings, problems, show
 from soupbench.settings.choices import Device
 from soupbench.settings.finetune import Finetune
 from soupbench.settings.run import GROUPS, Run
@@ -50,19 +50,24 @@ def config_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
     """One line per bad key, `key=value: expected ...`, in the config's order (Hydra's own node skipped)."""
     node = plain(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     node.pop("hydra", None)
-    found = problems(Run, {k: {} if k in GROUPS else v for k, v in node.items()}, "")
-    groups = {"paths": lambda n: problems(logger.Paths, n, "paths"),
-              "backbone": lambda n: problems(backbone.model_for(n), n, "backbone"),
-              "dataset": lambda n: problems(dataset.model_for(n), n, "dataset"),
-              "finetune": lambda n: problems(Finetune, n, "finetune"),
-              "soup": soup_problems,
-              "logger": lambda n: problems(logger.model_for(n), n, "logger")}
-    for key, check in groups.items():
-        if key in node:
-            found += check(node[key]) if isinstance(node[key], Mapping) else \
-                [f"{key}={node[key]!r}: expected a config group"]
+    found = [line for prefix, model, part in sections(node) for line in problems(model, part, prefix)]
+    if "soup" in node:
+        found += soup_problems(node["soup"]) if isinstance(node["soup"], Mapping) else \
+            [f"soup={show(node['soup'])}: expected a mapping of soup methods"]
     order = {k: i for i, k in enumerate(node)}
     return sorted(found, key=lambda line: order.get(_top(line), len(order)))
+
+
+def sections(node: Mapping[str, Any]) -> list[tuple[str, type[Settings], Any]]:
+    """(prefix, model, part of the config) for the top level and each group but `soup` (whose methods each
+    declare their own)."""
+    out: list[tuple[str, type[Settings], Any]] = [("", Run, {k: {} if k in GROUPS else v for k, v in node.items()})]
+    for key, model_for in (("paths", lambda n: logger.Paths), ("backbone", backbone.model_for),
+                           ("dataset", dataset.model_for), ("finetune", lambda n: Finetune),
+                           ("logger", logger.model_for)):
+        if key in node:
+            out.append((key, model_for(node[key]), node[key]))
+    return out
 
 
 def soup_problems(node: Mapping[str, Any]) -> list[str]:
@@ -72,8 +77,7 @@ def soup_problems(node: Mapping[str, Any]) -> list[str]:
 
     out = []
     for name, settings in node.items():
-        out += settings_problems(name, settings) if isinstance(settings, Mapping) else \
-            [f"soup.{name}={settings!r}: expected a soup method's settings"]
+        out += settings_problems(name, settings)
     return out
 
 

@@ -137,3 +137,8 @@ class ProbeInit(StrEnum):
 
     ZEROS = "zeros"
     BACKBONE = "backbone"             # the head the backbone built (CLIP's zero-shot head)
+
+
+def values(choices: type[StrEnum]) -> list[str]:
+    """The allowed values as plain strings, for messages: ['auto', 'bf16', 'fp32']."""
+    return [m.value for m in choices]

@@ -26,12 +26,10 @@ class Wandb(Settings):
 
 def model_for(node: dict[str, Any]) -> type[Settings]:
     """By `kind`; a kind that is neither: by the keys given, so only `kind` is named."""
-    if not isinstance(node, dict):
-        return NoLogger
-    kind = node.get("kind")
+    kind = node.get("kind") if isinstance(node, dict) else None
     if kind in (LoggerKind.WANDB, LoggerKind.NONE):
         return Wandb if kind == LoggerKind.WANDB else NoLogger
-    return Wandb if set(node) - {"kind"} else NoLogger
+    return Wandb if isinstance(node, dict) and set(node) - {"kind"} else NoLogger
 
 
 class Paths(Settings):

@@ -4,6 +4,7 @@ any of them takes, with each key's type and range."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import annotated_types as at
@@ -51,6 +52,17 @@ class AnySoup(Settings):
     form: Literal["soupbench", "paper"] = None                       # model_stock
     alpha: Float | None = Field(None, ge=0, le=1)                     # wise_ft
     curve: Bool = None                                                # wise_ft
+
+
+@dataclass(frozen=True)
+class SoupMethod:
+    name: str
+    settings: type[Settings]
+
+
+def method(name_or_target: str) -> SoupMethod:
+    """The method a soup.<name> node (or its `_target_`) selects; every one takes AnySoup's keys."""
+    return SoupMethod(name_or_target, AnySoup)
 
 
 def settings_problems(name: str, node: Mapping[str, Any]) -> list[str]:
