@@ -3,7 +3,7 @@
 A model declares each key once, with its type and range (`batch_size: Int = Field(ge=1)`); the message is
 derived from that declaration, so the rule and its wording cannot drift apart. Types are strict: a bool is
 never a number nor a number a bool, an integer setting takes no 1.5, a number is finite, and an unknown key is
-an error naming it.
+an error naming it. Search-space axes are built in settings/space.py.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Generic, TypeVar, Union
+from typing import Annotated, Any, Union
 
 import annotated_types as at
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
 from pydantic.fields import FieldInfo
 
 from soupbench.settings.choices import Distribution
@@ -62,7 +62,6 @@ def matching(pattern: str, what: str) -> Any:
 # ------------------------------------------------------------------------------- search-space axes
 
 DISTRIBUTIONS = tuple(Distribution)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,51 +69,6 @@ class Axis:
     """Marks a search-space axis: a list of choices or {distribution: [low, high]} of `item`."""
 
     item: Any
-
-
-class _Range(Settings, Generic[T]):
-    @model_validator(mode="after")
-    def _ordered(self) -> _Range:
-        (low, high), = self.model_dump().values()
-        if low > high:
-            raise ValueError("low > high")
-        return self
-
-
-class LogUniform(_Range[T]):
-    log_uniform: tuple[T, T]
-
-    @model_validator(mode="after")
-    def _positive(self) -> LogUniform:
-        if self.log_uniform[0] <= 0:
-            raise ValueError("log_uniform needs low > 0")
-        return self
-
-
-class Uniform(_Range[T]):
-    uniform: tuple[T, T]
-
-
-class UniformOrZero(_Range[T]):
-    uniform_or_zero: tuple[T, T]
-
-
-class IntUniform(_Range[T]):
-    int_uniform: tuple[T, T]
-
-
-class RandAugment(Settings):
-    """timm RandAugment drawn per ingredient: [max magnitude 1..30, max layers 0..10]."""
-
-    rand_augment: tuple[Annotated[int, Strict(), at.Ge(1), at.Le(30)], Annotated[int, Strict(), at.Ge(0), at.Le(10)]]
-
-
-def axis(item: Any, *ranges: type) -> Any:
-    """A search-space axis of `item` values: a non-empty list of them, or one of `ranges` (e.g. LogUniform) of
-    them (RandAugment takes no item type)."""
-    forms = [Annotated[list[item], at.MinLen(1)]]
-    forms += [r if r is RandAugment else r[item] for r in ranges]
-    return Annotated[Union[tuple(forms)], Axis(item)]  # noqa: UP007
 
 
 # ------------------------------------------------------------------------------- messages
@@ -224,8 +178,7 @@ def _model_of(annotation: Any) -> type[Settings] | None:
     if _is_union(annotation):
         rest = [a for a in typing.get_args(annotation) if a is not type(None)]
         annotation = _unwrap(rest[0])[0] if len(rest) == 1 else None
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
-        and not issubclass(annotation, _Range | RandAugment) else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def _leaf(model: type[Settings], loc: tuple) -> tuple[tuple, str | None]:

@@ -8,20 +8,9 @@ from typing import Annotated
 import annotated_types as at
 from pydantic import Field
 
-from soupbench.settings.base import (
-    Bool,
-    Float,
-    Int,
-    IntUniform,
-    LogUniform,
-    RandAugment,
-    Settings,
-    Uniform,
-    UniformOrZero,
-    axis,
-    matching,
-)
+from soupbench.settings.base import Bool, Float, Int, Settings, matching
 from soupbench.settings.choices import Augment, Precision, ProbeInit, Search
+from soupbench.settings.space import IntUniform, LogUniform, RandAugment, Uniform, UniformOrZero, axis
 
 NUMBER_RANGES = (LogUniform, Uniform, IntUniform, UniformOrZero)
 RANDAUGMENT = matching(r"none|rand(-[a-z]+[\d.]+)+", "none or a timm RandAugment string (rand-m9-n2)")
