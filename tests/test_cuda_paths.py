@@ -20,7 +20,7 @@ from soupbench.soups import greedy, learned
 from soupbench.soups.averaging import average, stream_states
 from soupbench.soups.context import SoupContext
 from tests.fake_cuda import CUDA, ReadBack, fake_cuda, on_cuda
-from tests.helpers import make_store, random_split, tiny_model
+from tests.helpers import learned_soup, make_store, random_split, tiny_model
 
 MEAN, STD = [0.5] * 3, [0.5] * 3
 
@@ -252,7 +252,7 @@ def test_learned_soup_on_the_device(kw, monkeypatch, tmp_path):
                         lambda ctx, key, soup, *a: saved.append(all(v.device.type == "cpu" for v in soup.values())))
     with fake_cuda(monkeypatch, reads_as=finite_and_half) as fc:
         ctx = cuda_context(fc, cuda_model(fc), ingredients, heldout, tmp_path)
-        result = learned.build(ctx, epochs=2, batch_size=8, val_fraction=0.25, **kw)
+        result = learned_soup(ctx, epochs=2, batch_size=8, val_fraction=0.25, **kw)
         assert saved and all(saved)
         assert all(v.device.type == "cpu" for v in result.state.values())
         # read from the device once per block (its losses) and once per epoch (the internal validation
