@@ -237,7 +237,7 @@ def test_learned_soup_on_the_device(kw, monkeypatch, tmp_path):
     """A whole learned soup on CUDA (MEHL blocks and learned soup with its logit scale): the block's
     directions, the coefficients, the held-out images and every inner step on the device (the fake backward
     stands in for ∇θL), the internal validation loss, and the soup back on the host. The progress files need
-    real values, so `_save_progress` is replaced by a check that what it would write is on the host."""
+    real values, so `resume.save_progress` is replaced by a check that what it would write is on the host."""
     _, ingredients = make_store(tmp_path, 3)
     heldout = random_split(16, size=8)
     saved = []
@@ -247,8 +247,8 @@ def test_learned_soup_on_the_device(kw, monkeypatch, tmp_path):
         with unset_fake_temporarily():
             return order(*args)
 
-    monkeypatch.setattr(learned, "block_order", real_order)
-    monkeypatch.setattr(learned, "_save_progress",
+    monkeypatch.setattr(learned.loop, "block_order", real_order)
+    monkeypatch.setattr(learned.resume, "save_progress",
                         lambda ctx, key, soup, *a: saved.append(all(v.device.type == "cpu" for v in soup.values())))
     with fake_cuda(monkeypatch, reads_as=finite_and_half) as fc:
         ctx = cuda_context(fc, cuda_model(fc), ingredients, heldout, tmp_path)

@@ -51,11 +51,10 @@ mean of the block (simplex); re-estimate them on training data with `bn_recalibr
 
 The package, each file read alone: settings.py (the settings and each variant's defaults), gradient.py (the
 soup and the coefficients' gradient), blocks.py (blocks, directions, effective weights), resume.py (progress
-after every block), build.py (the loop).
+after every block), loop.py (the loop: `build`).
 """
 
 from soupbench.soups.learned.blocks import block_order, block_tensors, coefficient_groups, learnable_names
-from soupbench.soups.learned.build import build
 from soupbench.soups.learned.gradient import (
     coefficient_gradient,
     coefficient_weights,
@@ -63,6 +62,7 @@ from soupbench.soups.learned.gradient import (
     inner_step,
     validation_loss,
 )
+from soupbench.soups.learned.loop import build
 from soupbench.soups.learned.settings import DECLARATIONS, LearnedSettings
 
 __all__ = ["DECLARATIONS", "LearnedSettings", "block_order", "block_tensors", "build", "coefficient_gradient",
