@@ -325,8 +325,10 @@ def bench_mehl_protocol(args, model, ings, heldout) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     ctx = SoupContext(ingredients=ings, base={}, heldout=heldout, model=model, device=dev, work_dir=work,
                       heldout_accuracy=lambda s: 0.0, ingredient_scores=lambda g, s: None)
-    _, t = timed(lambda: learned.build(ctx, "affine", "layer", args.block, epochs=args.mehl_epochs,
-                                       batch_size=args.batch), dev)
+    _, t = timed(lambda: learned.build(ctx, parameterisation="affine", granularity="layer", block_size=args.block,
+                                       shuffle_models=True, normalize_directions=True, epochs=args.mehl_epochs,
+                                       batch_size=args.batch, lr=0.01, schedule="cosine", max_grad_norm=1.0,
+                                       clip="model", logit_scale="fixed"), dev)
     blocks = math.ceil(args.k / args.block)
     steps = blocks * args.mehl_epochs * math.ceil(args.images / args.batch)
     shutil.rmtree(work, ignore_errors=True)

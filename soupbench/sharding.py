@@ -199,22 +199,17 @@ def _store(evaluator: Evaluator, fp: str, split: str, rows: torch.Tensor) -> Non
     evaluator.store(fp, split, [rows])
 
 
-# soups whose only forward passes are held-out passes of whole states (greedy's candidates, WiSE-FT's α grid):
-# under torch.distributed every rank builds them together, each pass sharded (`sharded_accuracy`); each rank
-# loads the ingredients (and an earlier soup WiSE-FT starts from) itself, as the learned soups' ranks do
-HELDOUT_PASS_SOUPS = ("soupbench.soups.greedy.build", "soupbench.soups.wise_ft.build")
-
-
-LEARNED = "soupbench.soups.learned.build"
-
-
 def built_by_every_rank(world: World, scfg: Mapping) -> bool:
-    """Does every rank build soup `scfg` together: a soup with `distributed: auto` (the learned soups, their blocks
-    split over the ranks; `auto` is also learned.build's default when the key is absent) and HELDOUT_PASS_SOUPS;
-    any other soup is rank 0's alone (`World.on_first`, inside which a collective raises)."""
-    target = scfg.get("_target_")
-    mode = scfg.get("distributed", "auto" if target == LEARNED else None)
-    return world.distributed and (mode == "auto" or target in HELDOUT_PASS_SOUPS)
+    """Does every rank build soup `scfg` together: what its method declares (`every_rank`: the learned soups
+    with `distributed: auto`, their blocks split over the ranks; greedy and WiSE-FT, whose held-out passes are
+    sharded, each rank loading the ingredients itself); any other soup is rank 0's alone (`World.on_first`,
+    inside which a collective raises)."""
+    if not world.distributed:
+        return False
+    from soupbench.soups.registry import method_of, validated
+
+    m = method_of(str(scfg.get("_target_", "")), scfg)
+    return m.every_rank(validated(m.settings, scfg, f"soup.{m.name}"))
 
 
 def sharded_accuracy(world: World, evaluator: Evaluator, split: str, state: Mapping[str, torch.Tensor]) -> float:

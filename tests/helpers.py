@@ -135,3 +135,21 @@ def make_objectnet(root: Path) -> None:
         png(root / "images" / extra / "1.png", 0, size=16, border=(255, 0, 0))
     (m / "folder_to_objectnet_label.json").write_text(json.dumps(folders))
     (m / "objectnet_to_imagenet_1k.json").write_text(json.dumps(to_imagenet))
+
+
+# the settings the learned-soup tests were written against: the official HL-Soup+ code's (epochs 5, cosine,
+# clipping ∇θL at 1); conf/soup/*.yaml and soupbench.soups.learned.settings hold the methods' own defaults
+HL_PLUS_OFFICIAL = dict(parameterisation="affine", granularity="layer", block_size=None, layer_size=0, num_passes=1,
+                        shuffle_models=True, centre="first_block_mean", normalize_directions=True, epochs=5,
+                        batch_size=128, lr=0.01, weight_decay=0.0, schedule="cosine", warmup_frac=0.2,
+                        max_grad_norm=1.0, clip="model", logit_scale="fixed", temperature=1.0, init=0.0, coef_l2=0.0,
+                        val_fraction=0.0, seed=0, distributed="auto", model_order="torch", batch_pieces=1)
+
+
+def learned_soup(ctx, *args, **kw):
+    """`soupbench.soups.learned.build` on HL_PLUS_OFFICIAL with `kw` on top; positional: parameterisation,
+    granularity, block_size."""
+    from soupbench.soups import learned
+
+    return learned.build(ctx, **{**HL_PLUS_OFFICIAL, **dict(zip(("parameterisation", "granularity", "block_size"),
+                                                                  args, strict=False)), **kw})

@@ -54,7 +54,9 @@ def main(directory: str, k: int, b: int, mode: str) -> None:
         ctx = SoupContext(ingredients=ings, base=base, heldout=heldout, model=m,
                           device=torch.device("cpu"), work_dir=d / f"work-{k}-{b}", heldout_accuracy=lambda s: 0.0,
                           ingredient_scores=lambda g, s: None)
-        learned.build(ctx, "affine", "layer", b, epochs=1, batch_size=32)
+        learned.build(ctx, parameterisation="affine", granularity="layer", block_size=b, shuffle_models=True,
+                      normalize_directions=True, epochs=1, batch_size=32, lr=0.01, schedule="cosine",
+                      max_grad_norm=1.0, clip="model", logit_scale="fixed")
     print(json.dumps({"peak_mb": peak_rss_mb(),
                       "ingredient_mb": sum(v.numel() * v.element_size() for v in base.values()) / 2**20,
                       "fingerprint": fingerprint(base)}))

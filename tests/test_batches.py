@@ -13,8 +13,7 @@ from soupbench.batches import FoldedBatches, batch_bounds, num_batches
 from soupbench.data.streaming import TrainImages, epoch_loader, eval_transform
 from soupbench.errors import ConfigError
 from soupbench.finetune import TrainSettings, finetune
-from soupbench.soups import learned
-from tests.helpers import make_store, random_split, soup_context
+from tests.helpers import learned_soup, make_store, random_split, soup_context
 
 CPU = torch.device("cpu")
 
@@ -77,7 +76,7 @@ def test_learned_soup_steps_fold_the_last_held_out_image(tmp_path):
     model = pooled_bn_model()
     heldout = random_split(n=65, size=8)                               # 32 + 32 + 1 before
     _, ings = make_store(tmp_path, 2, scale=0.1, model=model)
-    res = learned.build(soup_context(model, ings, heldout, tmp_path), "affine", "model", None, epochs=2,
+    res = learned_soup(soup_context(model, ings, heldout, tmp_path), "affine", "model", None, epochs=2,
                         batch_size=32, lr=0.01)
     from soupbench.io import read_json
     losses = read_json(tmp_path / "work" / "progress.json")["losses"]

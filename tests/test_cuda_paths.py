@@ -20,7 +20,7 @@ from soupbench.soups import greedy, learned
 from soupbench.soups.averaging import average, stream_states
 from soupbench.soups.context import SoupContext
 from tests.fake_cuda import CUDA, ReadBack, fake_cuda, on_cuda
-from tests.helpers import make_store, random_split, tiny_model
+from tests.helpers import learned_soup, make_store, random_split, tiny_model
 
 MEAN, STD = [0.5] * 3, [0.5] * 3
 
@@ -237,7 +237,7 @@ def test_learned_soup_on_the_device(kw, monkeypatch, tmp_path):
     """A whole learned soup on CUDA (MEHL blocks and learned soup with its logit scale): the block's
     directions, the coefficients, the held-out images and every inner step on the device (the fake backward
     stands in for ∇θL), the internal validation loss, and the soup back on the host. The progress files need
-    real values, so `_save_progress` is replaced by a check that what it would write is on the host."""
+    real values, so `resume.save_progress` is replaced by a check that what it would write is on the host."""
     _, ingredients = make_store(tmp_path, 3)
     heldout = random_split(16, size=8)
     saved = []
@@ -247,12 +247,12 @@ def test_learned_soup_on_the_device(kw, monkeypatch, tmp_path):
         with unset_fake_temporarily():
             return order(*args)
 
-    monkeypatch.setattr(learned, "block_order", real_order)
-    monkeypatch.setattr(learned, "_save_progress",
+    monkeypatch.setattr(learned.loop, "block_order", real_order)
+    monkeypatch.setattr(learned.resume, "save_progress",
                         lambda ctx, key, soup, *a: saved.append(all(v.device.type == "cpu" for v in soup.values())))
     with fake_cuda(monkeypatch, reads_as=finite_and_half) as fc:
         ctx = cuda_context(fc, cuda_model(fc), ingredients, heldout, tmp_path)
-        result = learned.build(ctx, epochs=2, batch_size=8, val_fraction=0.25, **kw)
+        result = learned_soup(ctx, epochs=2, batch_size=8, val_fraction=0.25, **kw)
         assert saved and all(saved)
         assert all(v.device.type == "cpu" for v in result.state.values())
         # read from the device once per block (its losses) and once per epoch (the internal validation

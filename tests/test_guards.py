@@ -11,9 +11,9 @@ import torch
 from soupbench.finetune import TrainSettings, finetune, linear_probe
 from soupbench.guards import DIVERGENCE_FACTOR, DivergedError, divergence_warning
 from soupbench.io import read_json
-from soupbench.soups import learned, wise_ft
+from soupbench.soups import wise_ft
 from soupbench.soups.context import SoupResult
-from tests.helpers import compose_cfg, copy_of_run, make_store, random_split, soup_context, tiny_model
+from tests.helpers import compose_cfg, copy_of_run, learned_soup, make_store, random_split, soup_context, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ def test_a_learned_soup_that_diverges_stops_and_saves_nothing(tmp_path, paramete
     ctx = soup_context(model, ings, heldout, tmp_path)
     ctx.name = "mehl"
     with pytest.raises(DivergedError, match=r"^soup\.mehl\.lr=1e\+30: .*nothing saved"):
-        learned.build(ctx, parameterisation, "model", block_size, epochs=3, batch_size=16, lr=1e30,
+        learned_soup(ctx, parameterisation, "model", block_size, epochs=3, batch_size=16, lr=1e30,
                       max_grad_norm=None)
     progress = ctx.work_dir / "progress.json"
     for done in (read_json(progress)["blocks"] if progress.is_file() else []):   # finished blocks are finite
@@ -48,7 +48,7 @@ def test_a_diverging_learned_soup_is_reported_with_a_warning(tmp_path):
     _, ings = make_store(tmp_path, 3, scale=0.3, model=model)
     ctx = soup_context(model, ings, heldout, tmp_path)
     ctx.name = "hl"
-    res = learned.build(ctx, "affine", "layer", None, epochs=10, batch_size=64, lr=30.0, max_grad_norm=None,
+    res = learned_soup(ctx, "affine", "layer", None, epochs=10, batch_size=64, lr=30.0, max_grad_norm=None,
                         schedule="constant")
     assert any(w.startswith("soup.hl.lr=30:") for w in res.info["warnings"]), res.info.get("warnings")
 

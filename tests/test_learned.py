@@ -11,10 +11,10 @@ from soupbench.errors import ConfigError as ConfigErrorType
 from soupbench.evaluate import accuracy, predict
 from soupbench.ingredients import save_ingredient
 from soupbench.io import fingerprint
-from soupbench.runtime import set_memory_format
+from soupbench.runtime import lr_schedule, set_memory_format
 from soupbench.soups import learned
 from soupbench.soups.learned import coefficient_gradient, coefficient_weights, combine, learnable_names
-from tests.helpers import make_store, random_split, soup_context, tiny_model
+from tests.helpers import learned_soup, make_store, random_split, soup_context, tiny_model
 
 CPU = torch.device("cpu")
 
@@ -72,8 +72,8 @@ SETTINGS = dict(epochs=3, batch_size=32, lr=0.05, weight_decay=0.0, warmup_frac=
 
 def test_mehl_with_one_block_equals_hl(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path)
-    hl = learned.build(soup_context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **SETTINGS)
-    mehl = learned.build(soup_context(model, ings, heldout, tmp_path / "b"), "affine", "layer", len(ings), **SETTINGS)
+    hl = learned_soup(soup_context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **SETTINGS)
+    mehl = learned_soup(soup_context(model, ings, heldout, tmp_path / "b"), "affine", "layer", len(ings), **SETTINGS)
     assert torch.equal(torch.tensor(hl.info["coefficients"]), torch.tensor(mehl.info["coefficients"]))
     assert fingerprint(hl.state) == fingerprint(mehl.state)
 
@@ -81,7 +81,7 @@ def test_mehl_with_one_block_equals_hl(tmp_path):
 @pytest.mark.parametrize("granularity", ["model", "layer"])
 def test_simplex_stays_on_the_simplex(tmp_path, granularity):
     model, heldout, ings = store_with_accuracies(tmp_path)
-    res = learned.build(soup_context(model, ings, heldout, tmp_path), "simplex", granularity, **SETTINGS)
+    res = learned_soup(soup_context(model, ings, heldout, tmp_path), "simplex", granularity, **SETTINGS)
     w = torch.tensor(res.info["coefficients"])
     assert (w >= 0).all() and (w <= 1).all()
     torch.testing.assert_close(w.sum(0), torch.ones(w.shape[1]))
@@ -115,8 +115,8 @@ def test_affine_extrapolates_where_the_optimum_lies_outside(tmp_path):
     ctx = soup_context(model, ings, heldout, tmp_path)
     ctx.base = start
     kw = dict(SETTINGS, epochs=30, lr=0.2)
-    hl = learned.build(ctx, "affine", "model", None, centre="base", normalize_directions=False, **kw)
-    ls = learned.build(ctx, "simplex", "model", None, **kw)
+    hl = learned_soup(ctx, "affine", "model", None, centre="base", normalize_directions=False, **kw)
+    ls = learned_soup(ctx, "simplex", "model", None, **kw)
     hl_w = torch.tensor(hl.info["coefficients"])
     assert hl.info["coefficient_max"] > 1.0 or hl_w.sum(0).max() > 1.0
     # effective position along the teacher direction, beyond the best ingredient's 0.6
@@ -131,7 +131,7 @@ def test_affine_extrapolates_where_the_optimum_lies_outside(tmp_path):
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     model, heldout, ings = store_with_accuracies(tmp_path)
     kw = dict(parameterisation="affine", granularity="layer", block_size=1, **SETTINGS)
-    full = learned.build(soup_context(model, ings, heldout, tmp_path / "full"), **kw)
+    full = learned_soup(soup_context(model, ings, heldout, tmp_path / "full"), **kw)
 
     calls = {"n": 0}
     original = type(ings[0]).load
@@ -145,7 +145,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     ctx = soup_context(model, ings, heldout, tmp_path / "resumed")
     monkeypatch.setattr(type(ings[0]), "load", flaky_load)
     with pytest.raises(KeyboardInterrupt):
-        learned.build(ctx, **kw)
+        learned_soup(ctx, **kw)
     monkeypatch.setattr(type(ings[0]), "load", original)
     loaded = []
 
@@ -154,7 +154,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
         return original(self, device)
 
     monkeypatch.setattr(type(ings[0]), "load", recording_load)
-    resumed = learned.build(ctx, **kw)
+    resumed = learned_soup(ctx, **kw)
     order = [i for blk in learned.block_order(len(ings), 1, 1, True, 0) for i in blk]
     assert loaded == [ings[i].id for i in order[2:]]      # blocks 0 and 1 were not redone
     assert torch.equal(torch.tensor(resumed.info["coefficients"]), torch.tensor(full.info["coefficients"]))
@@ -167,7 +167,7 @@ def test_learned_soup_improves_heldout_loss(tmp_path):
 
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
     ctx = soup_context(model, ings, heldout, tmp_path)
-    res = learned.build(ctx, "affine", "layer", 2, **dict(SETTINGS, epochs=20, batch_size=len(heldout), lr=0.02))
+    res = learned_soup(ctx, "affine", "layer", 2, **dict(SETTINGS, epochs=20, batch_size=len(heldout), lr=0.02))
     loss = lambda s: F.cross_entropy(predict(model, heldout.images, 64, CPU, s), heldout.labels).item()  # noqa: E731
     assert loss(res.state) < loss(average(ings[:2])) - 1e-3
     assert res.info["num_blocks"] == 2 and len(res.info["coefficients"]) == 4
@@ -180,9 +180,9 @@ def test_bad_settings_are_named(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path)
     ctx = soup_context(model, ings, heldout, tmp_path)
     with pytest.raises(ConfigError, match="block_size=null"):
-        learned.build(ctx, "simplex", "model", block_size=2)
+        learned_soup(ctx, "simplex", "model", block_size=2)
     with pytest.raises(ConfigError, match="granularity"):
-        learned.build(ctx, "affine", "tensor")
+        learned_soup(ctx, "affine", "tensor")
 
 
 def test_combine_is_centre_plus_weighted_directions():
@@ -198,18 +198,19 @@ def test_the_soup_and_the_projections_do_not_depend_on_how_the_models_are_split(
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(7, 5003, generator=gen) * torch.logspace(-3, 1, 7)[:, None]   # mixed magnitudes
     w, v = torch.randn(7, generator=gen), torch.randn(5003, generator=gen)
-    whole = learned._weighted_rows64(rows, w).float()
-    projections = learned._project_rows64(rows, v).float()
-    squares = learned._row_squares64(rows).float()
-    for chunk in (learned.CHUNK_ELEMENTS, 5003, 2 * 5003 + 1, 64):     # the whole stack, 1, 2 and 1 row a chunk
-        monkeypatch.setattr(learned, "CHUNK_ELEMENTS", chunk)
+    weighted, project, squares_of = (learned.gradient._weighted_rows64, learned.gradient._project_rows64,
+                                     learned.blocks._row_squares64)
+    whole = weighted(rows, w).float()
+    projections = project(rows, v).float()
+    squares = squares_of(rows).float()
+    for chunk in (learned.gradient.CHUNK_ELEMENTS, 5003, 2 * 5003 + 1, 64):   # the whole stack, 1, 2 and 1 row a chunk
+        monkeypatch.setattr(learned.gradient, "CHUNK_ELEMENTS", chunk)
         for k in range(8):
-            parts = learned._weighted_rows64(rows[:k], w[:k]) + learned._weighted_rows64(rows[k:], w[k:])
+            parts = weighted(rows[:k], w[:k]) + weighted(rows[k:], w[k:])
             assert torch.equal(parts.float(), whole), (chunk, k)
-            split = torch.cat([learned._project_rows64(rows[:k], v), learned._project_rows64(rows[k:], v)])
+            split = torch.cat([project(rows[:k], v), project(rows[k:], v)])
             assert torch.equal(split.float(), projections), (chunk, k)
-            assert torch.equal(torch.cat([learned._row_squares64(rows[:k]), learned._row_squares64(rows[k:])]
-                                         ).float(), squares), (chunk, k)
+            assert torch.equal(torch.cat([squares_of(rows[:k]), squares_of(rows[k:])]).float(), squares), (chunk, k)
 
 
 # ---------------------------------------------------------------------------------- the official code's protocol
@@ -244,7 +245,7 @@ def test_model_wise_soup_stays_on_the_hyperplane_of_the_task_vectors(tmp_path):
     """One α per model moves every tensor of τ_i by the same factor: soup − c = Σ α_i τ_i exactly (directions
     normalised over the whole τ_i, not per tensor)."""
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
-    res = learned.build(soup_context(model, ings, heldout, tmp_path / "w"), "affine", "model", None, **SETTINGS)
+    res = learned_soup(soup_context(model, ings, heldout, tmp_path / "w"), "affine", "model", None, **SETTINGS)
     names = res.info["layers"]
     states = [g.load() for g in ings]
     centre = {n: sum(s[n] for s in states) / len(states) for n in names}
@@ -269,7 +270,7 @@ def test_effective_weights_rebuild_the_soup(tmp_path, kw):
     """Whatever the blocks, passes and groups: soup = Σ_i e_i θ_i + e_0 θ_0 per tensor, with the reported e."""
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
     ctx = soup_context(model, ings, heldout, tmp_path / "w")
-    res = learned.build(ctx, **kw, **SETTINGS)
+    res = learned_soup(ctx, **kw, **SETTINGS)
     eff, e0 = torch.tensor(res.info["coefficients"], dtype=torch.float64), res.info["start_weight"]
     states = [g.load() for g in ings]
     for j, n in enumerate(res.info["layers"]):
@@ -339,13 +340,13 @@ def test_learned_logit_scale_gradient_matches_autograd():
 
 def test_official_learned_recipe_learns_the_scale_at_a_constant_rate(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path)
-    res = learned.build(soup_context(model, ings, heldout, tmp_path / "w"), "simplex", "layer", None, epochs=2,
+    res = learned_soup(soup_context(model, ings, heldout, tmp_path / "w"), "simplex", "layer", None, epochs=2,
                         batch_size=32, lr=0.05, schedule="constant", max_grad_norm=None, logit_scale="learned")
     (blk,) = res.info["blocks"]
     assert blk["logit_scale"] != 1.0                            # trained jointly
-    assert learned.lr_schedule("constant", 100, 0.2)(0) == learned.lr_schedule("constant", 100, 0.2)(99) == 1.0
+    assert lr_schedule("constant", 100, 0.2)(0) == lr_schedule("constant", 100, 0.2)(99) == 1.0
     with pytest.raises(ConfigErrorType, match="schedule"):
-        learned.build(soup_context(model, ings, heldout, tmp_path / "x"), "simplex", "layer", None, schedule="step")
+        learned_soup(soup_context(model, ings, heldout, tmp_path / "x"), "simplex", "layer", None, schedule="step")
 
 
 def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
@@ -356,21 +357,21 @@ def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
     kw = dict(parameterisation="affine", granularity="layer", block_size=2, **SETTINGS)
     ctx = soup_context(model, ings, heldout, tmp_path / "w")
     ctx.data_key = "small"
-    learned.build(ctx, **kw)
+    learned_soup(ctx, **kw)
     assert read_json(ctx.work_dir / "progress.json")["next_block"] == 2
     ctx.data_key = "full"
     calls = []
     original = type(ings[0]).load
     monkeypatch.setattr(type(ings[0]), "load",
                         lambda self, device="cpu": calls.append(self.id) or original(self, device))
-    learned.build(ctx, **kw)
+    learned_soup(ctx, **kw)
     assert len(calls) == len(ings)                               # everything recomputed for the new data
 
 
 def test_internal_split_keeps_the_epoch_with_the_lowest_loss(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
     ctx = soup_context(model, ings, heldout, tmp_path / "w")
-    res = learned.build(ctx, "affine", "layer", None, **dict(SETTINGS, epochs=4, lr=0.3), val_fraction=0.25)
+    res = learned_soup(ctx, "affine", "layer", None, **dict(SETTINGS, epochs=4, lr=0.3), val_fraction=0.25)
     (blk,) = res.info["blocks"]
     assert len(blk["val_losses"]) == 4
     assert blk["best_epoch"] == min(range(4), key=lambda e: blk["val_losses"][e])
@@ -383,8 +384,8 @@ def test_internal_split_keeps_the_epoch_with_the_lowest_loss(tmp_path):
 def test_coefficient_penalty_pulls_toward_the_centre(tmp_path):
     model, heldout, ings = store_with_accuracies(tmp_path, scale=0.5)
     kw = dict(SETTINGS, epochs=4, lr=0.1)
-    free = learned.build(soup_context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **kw)
-    tied = learned.build(soup_context(model, ings, heldout, tmp_path / "b"), "affine", "layer", None, **kw,
+    free = learned_soup(soup_context(model, ings, heldout, tmp_path / "a"), "affine", "layer", None, **kw)
+    tied = learned_soup(soup_context(model, ings, heldout, tmp_path / "b"), "affine", "layer", None, **kw,
                          coef_l2=100.0)
     size = lambda r: torch.tensor(r.info["blocks"][0]["alpha"]).abs().max().item()  # noqa: E731
     assert size(tied) < 0.2 * size(free)

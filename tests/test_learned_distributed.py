@@ -15,7 +15,7 @@ from soupbench.distributed import SINGLE, World, resolve_ranks
 from soupbench.errors import ConfigError
 from soupbench.runtime import set_memory_format
 from soupbench.soups import learned
-from tests.helpers import make_store, random_split, soup_context, tiny_model
+from tests.helpers import learned_soup, make_store, random_split, soup_context, tiny_model
 
 WORLD = 2
 COMMON = dict(epochs=3, lr=0.05, weight_decay=0.0, warmup_frac=0.2)
@@ -65,11 +65,11 @@ def worker(rank: int, tmp_path, cases: list[str]) -> None:
         assert (ranks.rank, ranks.size) == (rank, WORLD) and resolve_ranks("off") == SINGLE
         model, heldout, ings = problem(tmp_path)
         writes = []
-        save = learned._save_progress
-        learned._save_progress = lambda *a: writes.append(1) or save(*a)
+        save = learned.resume.save_progress
+        learned.resume.save_progress = lambda *a: writes.append(1) or save(*a)
         out = {}
         for name in cases:
-            res = learned.build(soup_context(model_for(model, name), ings, heldout, tmp_path / f"dist-{name}"),
+            res = learned_soup(soup_context(model_for(model, name), ings, heldout, tmp_path / f"dist-{name}"),
                                 **CASES[name])
             out[name] = {"coefficients": torch.tensor(res.info["coefficients"]), "state": res.state,
                          "blocks": res.info["blocks"], "ranks": res.info["ranks"]}
@@ -93,7 +93,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)          # as each rank: CPU kernels' float results depend on the thread count
     try:
         for name, kw in CASES.items():
-            res = learned.build(soup_context(model_for(model, name), ings, heldout, tmp_path / f"one-{name}"), **kw)
+            res = learned_soup(soup_context(model_for(model, name), ings, heldout, tmp_path / f"one-{name}"), **kw)
             single[name] = {"coefficients": torch.tensor(res.info["coefficients"]), "state": res.state,
                             "blocks": res.info["blocks"], "ranks": res.info["ranks"]}
     finally:

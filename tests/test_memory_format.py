@@ -110,7 +110,7 @@ def test_every_functional_call_gets_weights_in_the_model_layout(monkeypatch):
         return call
 
     monkeypatch.setattr(evaluate, "functional_call", spy(evaluate.functional_call))
-    monkeypatch.setattr(learned, "functional_call", spy(learned.functional_call))
+    monkeypatch.setattr(learned.gradient, "functional_call", spy(learned.gradient.functional_call))
     flat = {k: torch.empty(v.shape).copy_(v) for k, v in own.items()}          # standard strides, as from a file
     split = random_split(n=8)
     predict(model, split.images, 8, CPU, state=flat, precision="fp32")

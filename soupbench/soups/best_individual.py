@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from soupbench.ingredients import sort_by_heldout
-from soupbench.soups.context import SoupContext, SoupResult
+from soupbench.settings.base import Settings
+from soupbench.soups.context import Declaration, SoupContext, SoupResult
+
+DECLARATIONS = {"best_individual": Declaration(Settings)}
 
 
 def build(ctx: SoupContext) -> SoupResult:

@@ -3,9 +3,11 @@ the pipeline and the methods, so a method never reaches into the run itself."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,12 +69,46 @@ class SoupContext:
 @dataclass
 class SoupResult:
     """`state` holds the soup's weights; an output ensemble has none and is evaluated from its members'
-    logits."""
+    logits. The engine (soupbench.soups.engine) fills the rest when it finishes a soup: the weights'
+    `fingerprint`, the soup's `heldout_score` (selection metric on held-out) and `time_s` (build and BatchNorm
+    re-estimation)."""
 
     members: list[str]
     state: dict[str, torch.Tensor] | None
     info: dict = field(default_factory=dict)
+    fingerprint: str | None = None
+    heldout_score: float | None = None
+    time_s: float | None = None
 
     @property
     def kind(self) -> str:
         return "weights" if self.state is not None else "ensemble"
+
+
+class Accept(enum.StrEnum):
+    """When a greedy step keeps a candidate: if the held-out score does not drop (the paper) or rises (the
+    official code)."""
+
+    AT_LEAST = ">="
+    ABOVE = ">"
+
+
+def never(_settings: Any) -> bool:
+    return False
+
+
+def always(_settings: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a soup method declares in its own file, once: its settings model (typed, with defaults and ranges;
+    a soupbench.settings.base.Settings) and its traits, each a function of the validated settings.
+    `needs_start`: it builds on the start θ0 (the start check must pass); `every_rank`: under torch.distributed
+    every rank builds it together; `builds_on_soup`: it starts from a soup built before it."""
+
+    settings: type
+    needs_start: Callable[[Any], bool] = never
+    every_rank: Callable[[Any], bool] = never
+    builds_on_soup: Callable[[Any], bool] = never

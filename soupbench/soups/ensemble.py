@@ -8,10 +8,31 @@ reads one member, not all kept ones."""
 
 from __future__ import annotations
 
+import enum
+
 from soupbench.errors import ConfigError
 from soupbench.evaluate import ENSEMBLE_COMBINE, ensemble_term
 from soupbench.ingredients import sort_by_heldout
-from soupbench.soups.context import SoupContext, SoupResult
+from soupbench.settings.base import Bool, Settings
+from soupbench.soups.context import Accept, Declaration, SoupContext, SoupResult
+
+
+class Combine(enum.StrEnum):
+    LOGITS = "logits"       # mean of the members' logits (the official model-soups ensemble)
+    PROBS = "probs"         # mean of their softmax probabilities
+
+
+class EnsembleSettings(Settings):
+    greedy: Bool = False
+    accept: Accept = Accept.AT_LEAST      # greedy only
+    combine: Combine = Combine.LOGITS
+
+
+class GreedyEnsembleSettings(EnsembleSettings):
+    greedy: Bool = True
+
+
+DECLARATIONS = {"ensemble": Declaration(EnsembleSettings), "greedy_ensemble": Declaration(GreedyEnsembleSettings)}
 
 
 def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=", combine: str = "logits") -> SoupResult:

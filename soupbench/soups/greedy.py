@@ -12,8 +12,17 @@ from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
 from soupbench.ingredients import sort_by_heldout
+from soupbench.settings.base import Settings
 from soupbench.soups.averaging import is_averaged, stream_states
-from soupbench.soups.context import SoupContext, SoupResult
+from soupbench.soups.context import Accept, Declaration, SoupContext, SoupResult, always
+
+
+class GreedySettings(Settings):
+    accept: Accept = Accept.AT_LEAST      # ">=" as in the paper; ">" as in the official code
+
+
+# every held-out pass is sharded over the ranks of a job, so every rank builds it
+DECLARATIONS = {"greedy": Declaration(GreedySettings, every_rank=always)}
 
 
 def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:

@@ -29,11 +29,14 @@ agree for two ingredients whose task vectors do not point apart.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 
 from soupbench.errors import ConfigError
+from soupbench.settings.base import Settings
 from soupbench.soups.averaging import is_averaged, stream_states
-from soupbench.soups.context import SoupContext, SoupResult
+from soupbench.soups.context import Declaration, SoupContext, SoupResult, always
 
 
 def interpolation_ratio(cos: float, k: int) -> float:
@@ -44,7 +47,19 @@ def interpolation_ratio(cos: float, k: int) -> float:
     return k * cos / (1.0 + (k - 1) * cos)
 
 
-FORMS = ("soupbench", "paper")
+class Form(enum.StrEnum):
+    SOUPBENCH = "soupbench"     # all k ingredients, the mean pairwise cosine, a negative one clamped to 0
+    PAPER = "paper"             # the paper's method: the first two ingredients, t unclamped
+
+
+FORMS = tuple(Form)
+
+
+class ModelStockSettings(Settings):
+    form: Form = Form.SOUPBENCH
+
+
+DECLARATIONS = {"model_stock": Declaration(ModelStockSettings, needs_start=always)}
 
 
 def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from soupbench.settings.base import Settings
 from soupbench.soups.averaging import average
-from soupbench.soups.context import SoupContext, SoupResult
+from soupbench.soups.context import Declaration, SoupContext, SoupResult
+
+DECLARATIONS = {"uniform": Declaration(Settings)}
 
 
 def build(ctx: SoupContext) -> SoupResult:

@@ -20,17 +20,37 @@ the paper reports.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
 from soupbench.guards import require_finite_losses, require_finite_tensors, setting
 from soupbench.ingredients import sort_by_heldout
+from soupbench.settings.base import Bool, Settings, Str
 from soupbench.soups.averaging import is_averaged
-from soupbench.soups.context import SoupContext, SoupResult
+from soupbench.soups.context import Declaration, SoupContext, SoupResult, always
 
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
+Fraction = Annotated[float, Field(strict=True, ge=0, le=1, allow_inf_nan=False)]
+
+
+class WiseFTSettings(Settings):
+    target: Str = "best_individual"      # best_individual | a soup listed before it in soup=[...]
+    alphas: Annotated[list[Fraction], Field(min_length=1)] = list(DEFAULT_ALPHAS)   # ties: the smaller α
+    alpha: Fraction | None = None         # null: chosen on held-out from `alphas`; a value: that α
+    curve: Bool = False                   # the evaluate stage scores every α on every split
+
+
+def _on_a_soup(s: WiseFTSettings) -> bool:
+    return s.target != "best_individual"
+
+
+# the α grid's held-out passes are sharded over the ranks of a job, so every rank builds it
+DECLARATIONS = {"wise_ft": Declaration(WiseFTSettings, needs_start=always, every_rank=always,
+                                       builds_on_soup=_on_a_soup)}
 
 
 def interpolate(start: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], alpha: float
