@@ -39,12 +39,8 @@ def composed(group: str, option: str) -> dict[str, Any]:
 
 
 def soup_model(name: str, node: Mapping[str, Any]) -> type[Settings]:
-    """The Settings model a soup method declares (found on what `registry.method` returns)."""
-    method = registry.method(node.get(TARGET) or name)
-    found = [v for v in (getattr(method, a, None) for a in dir(method) if not a.startswith("__"))
-             if isinstance(v, type) and issubclass(v, Settings)]
-    assert found, f"soup.{name}: registry.method() gives no Settings model"
-    return found[0]
+    """The Settings model soup method `name` declares (its `_target_`'s variant `name`)."""
+    return registry.method_of(name, node).settings
 
 
 def parts(node: dict[str, Any]) -> Iterator[tuple[str, type[Settings], Any]]:
