@@ -124,7 +124,7 @@ def test_a_bad_setting_stops_the_run_with_one_line_before_any_data_is_loaded(ove
     def no_work(*args, **kwargs):
         raise AssertionError("the run started work despite a bad setting")
 
-    monkeypatch.setattr(pipeline, "Run", no_work)
+    monkeypatch.setattr(pipeline, "setup", no_work)
     cfg = compose_cfg([override, "logger=none"], tmp_path)
     with pytest.raises(ConfigError) as err:
         pipeline.run(cfg)
