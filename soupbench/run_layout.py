@@ -57,10 +57,10 @@ class RunLayout:
 
     # the ingredient store
     def ingredient_meta(self, gid: str) -> Path:
-        return self.ingredients / f"{gid}.json"
+        return ingredient_files(self.ingredients, gid)[1]
 
     def ingredient_weights(self, gid: str) -> Path:
-        return self.ingredients / f"{gid}.safetensors"
+        return ingredient_files(self.ingredients, gid)[0]
 
     def ingredient_lock(self, gid: str) -> Path:
         return self.ingredients / ".locks" / f"{gid}.lock"
@@ -103,6 +103,11 @@ class RunLayout:
     @property
     def failed_marker(self) -> Path:
         return self.root / FAILED_MARKER
+
+
+def ingredient_files(store: Path, gid: str) -> tuple[Path, Path]:
+    """Ingredient `gid`'s weights and record in the store `store` (soupbench.ingredients writes them)."""
+    return store / f"{gid}.safetensors", store / f"{gid}.json"
 
 
 def aggregate_paths(out: Path) -> dict[str, Path]:

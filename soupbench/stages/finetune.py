@@ -58,10 +58,10 @@ def save_start_ingredient(s: Setup, start: Start) -> None:
     gid = start_ingredient_id(start.fingerprint)
     if reusable_meta(s.layout.ingredient_meta(gid), "base_fingerprint", start.fingerprint) is not None:
         return
-    lp = read_json(s.layout.start_meta)
+    stored = read_json(s.layout.start_meta)
     meta = {"hyperparameters": {}, "info": "LP initialization (the shared start)", "seed": s.cfg.seed,
-            "fingerprint": start.fingerprint, "base_fingerprint": start.fingerprint, "heldout_acc": lp["heldout_acc"],
-            "heldout_data_key": s.data_key}
+            "fingerprint": start.fingerprint, "base_fingerprint": start.fingerprint,
+            "heldout_acc": stored["heldout_acc"], "heldout_data_key": s.data_key}
     save_ingredient(s.layout.ingredients, gid, start.weights, meta)
     log.info("ingredient %s: the linear probe (held-out %.2f%%)", gid, meta["heldout_acc"])
 

@@ -90,9 +90,9 @@ def fit_start(s: Setup, settings: dict) -> Start:
     if world.main:
         faults.point("lp.start")
     t0 = time.perf_counter()
-    lp = cfg.finetune.linear_probe
-    stats = linear_probe(s.model, s.data.train, lp.max_iter, lp.weight_decay, cfg.eval.batch_size, s.device,
-                         s.progress, lp.init, cfg.dataset.image_size, cfg.finetune.workers, cfg.finetune.precision,
+    fit = cfg.finetune.linear_probe
+    stats = linear_probe(s.model, s.data.train, fit.max_iter, fit.weight_decay, cfg.eval.batch_size, s.device,
+                         s.progress, fit.init, cfg.dataset.image_size, cfg.finetune.workers, cfg.finetune.precision,
                          world)
     weights = host_state(s.model) if world.main else {}
     fp = fingerprint(weights) if world.main else ""
