@@ -19,7 +19,7 @@ from pathlib import Path
 
 from soupbench.errors import SoupbenchError
 from soupbench.io import atomic_path, read_json, write_json
-from soupbench.run_layout import RunLayout
+from soupbench.run_layout import RunLayout, aggregate_paths
 from soupbench.tables import MeanStd, render
 
 REFERENCE = "best_individual"
@@ -92,7 +92,7 @@ def format_aggregate(agg: dict, fmt: str) -> str:
 
 def write(agg: dict, out: Path) -> dict[str, Path]:
     """aggregate.json / .md / .tex under `out`, each written atomically."""
-    paths = {"json": out / "aggregate.json", "md": out / "aggregate.md", "tex": out / "aggregate.tex"}
+    paths = aggregate_paths(out)
     write_json(paths["json"], agg)
     for key, fmt in (("md", "markdown"), ("tex", "latex")):
         with atomic_path(paths[key]) as tmp:

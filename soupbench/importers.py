@@ -1,12 +1,11 @@
 """Ingredients from checkpoint files that other code wrote (`ingredients.from_files`): each file is read
 (soupbench.checkpoints), mapped onto the backbone's tensors, cast to its dtypes and stored as an ordinary
 ingredient, so the soup and evaluate stages run on it unchanged. Also the shared start θ0 from a file
-(`ingredients.start`) and the measured check that the ingredients were fine-tuned from it."""
+(`ingredients.start`). The check that the ingredients were fine-tuned from it is soupbench.start_check."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from soupbench.checkpoints import match_state, read_checkpoint
 from soupbench.errors import CheckpointError
 from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
 from soupbench.io import fingerprint, hash_settings, require_finite
+from soupbench.start_check import check_start, rounding_tolerance  # noqa: F401 - where callers found them
 
 log = logging.getLogger("soupbench")
 
@@ -97,73 +97,3 @@ def import_steps(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
         meta = {**record, "import": info, "fingerprint": fp, "base_fingerprint": base_fp,
                 "hyperparameters": {"file": path.name}, "heldout_acc": heldout_accuracy(state, fp)}
         out.append(save_ingredient(dst_dir, gid, state, meta))
-
-
-# -------------------------------------------------------------------------------------------- the start check
-EPSILON = {"bfloat16": 2.0**-8, "float16": 2.0**-11}     # relative rounding of the dtypes files may be stored in
-
-
-def rounding_tolerance(ingredients: Sequence[Ingredient]) -> float:
-    """The relative offset that rounding alone explains: the coarsest stored dtype's epsilon (1e-6 for fp32)."""
-    stored = {d for g in ingredients for d in g.meta.get("import", {}).get("cast_from", [])}
-    return max([1e-6, *(EPSILON.get(d, 1e-6) for d in stored)])
-
-
-def start_distances(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor],
-                    names: Sequence[str] | None = None) -> dict[str, dict]:
-    """Per floating-point tensor: how far θ0 lies from the ingredients' centroid (`offset`, the norm of the mean
-    task vector) against how far the ingredients lie from it (`spread`, the root mean square of ||θ_i − θ̄||).
-    One streamed pass, float64, one state dict and two accumulators in memory. `names`: the tensors to
-    measure (default: every floating-point one)."""
-    from soupbench.soups.averaging import stream_states
-
-    total: dict[str, torch.Tensor] = {}
-    sq: dict[str, float] = {}
-    for _, state in stream_states(list(ingredients)):
-        for k, v in state.items():
-            if not v.is_floating_point() or k not in base or (names is not None and k not in names):
-                continue
-            d = v.double() - base[k].double()
-            total[k] = total[k] + d if k in total else d
-            sq[k] = sq.get(k, 0.0) + float(d.pow(2).sum())
-    n = len(ingredients)
-    out = {}
-    for k, t in total.items():
-        mean = t / n
-        offset = float(mean.norm())
-        spread = math.sqrt(max(sq[k] / n - float(mean.pow(2).sum()), 0.0))
-        out[k] = {"offset": offset, "spread": spread, "base_norm": float(base[k].double().norm()),
-                  "numel": t.numel()}
-    return out
-
-
-def check_start(ingredients: Sequence[Ingredient], base: Mapping[str, torch.Tensor], ratio: float,
-                parameters: Sequence[str] | None = None, rel_tol: float = 1e-6) -> dict:
-    """The measured test that `base` (θ0) is where the ingredients were fine-tuned from, for files whose
-    recorded start soupbench cannot know. Ingredients fine-tuned from θ0 lie around it: the mean task vector is
-    not much longer than the ingredients' spread around their centroid. A start they never had (another
-    linear probe, another pretrained model) sits off to one side: on the tensors where it differs, θ0 is more
-    than `ratio` times the spread from the centroid. Tensors that every ingredient shares with θ0 (frozen)
-    pass; a tensor that every ingredient shares but θ0 does not fails. Needs two ingredients or more.
-
-    Only `parameters` are measured (the model's learnable tensors): BatchNorm's running statistics move the
-    same way in every fine-tune and say nothing of the start. An offset below `rel_tol` x ||θ0|| is rounding
-    (bf16 files: their epsilon). Ingredients that are points of one trajectory (consecutive checkpoints of one
-    run) all point the same way and can fail a true start: raise `ratio` for them.
-
-    Returns {"passed", "ratio", "num_failed", "failed": [worst 5 tensors], "fraction_failed" (of parameters)}."""
-    if len(ingredients) < 2:
-        return {"passed": True, "ratio": ratio, "failed": [], "fraction_failed": 0.0,
-                "note": "one ingredient: nothing to measure against"}
-    dist = start_distances(ingredients, base, parameters)
-    failed = []
-    for k, d in dist.items():
-        tiny = rel_tol * max(d["base_norm"], 1e-12)
-        if d["offset"] > tiny and d["offset"] > ratio * d["spread"]:
-            failed.append((d["offset"] / d["spread"] if d["spread"] > 0 else math.inf, k))
-    failed.sort(reverse=True)
-    numel = sum(d["numel"] for d in dist.values())
-    frac = sum(dist[k]["numel"] for _, k in failed) / max(numel, 1)
-    return {"passed": not failed, "ratio": ratio, "fraction_failed": frac, "num_failed": len(failed),
-            "failed": [{"tensor": k, "offset_over_spread": round(r, 2) if math.isfinite(r) else "inf"}
-                       for r, k in failed[:5]]}

@@ -18,6 +18,7 @@ from soupbench import faults
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.io import load_verified, read_json, save_weights, write_json
 from soupbench.names import nfc
+from soupbench.run_layout import ingredient_files
 
 REQUIRED_FIELDS = {"fingerprint", "heldout_acc"}     # what every ingredient record must hold
 
@@ -43,11 +44,10 @@ class Ingredient:
 
 def save_ingredient(directory: str | Path, ingredient_id: str, state: Mapping[str, torch.Tensor],
                     meta: dict) -> Ingredient:
-    directory = Path(directory)
-    path = directory / f"{ingredient_id}.safetensors"
+    path, meta_path = ingredient_files(Path(directory), ingredient_id)
     save_weights(path, state, {"id": ingredient_id, "base_fingerprint": meta.get("base_fingerprint", "")})
     faults.point("ingredient.weights_saved")
-    write_json(directory / f"{ingredient_id}.json", {"id": ingredient_id, **meta})
+    write_json(meta_path, {"id": ingredient_id, **meta})
     return Ingredient(ingredient_id, path, {"id": ingredient_id, **meta})
 
 

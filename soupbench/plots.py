@@ -85,22 +85,21 @@ def coefficients(meta: dict, path: Path) -> Path:
 
 
 def all_plots(results: dict, layout: RunLayout) -> dict[str, Path]:
-    out_dir = layout.plots
     out: dict[str, Path] = {}
-    if (p := id_vs_ood(results, out_dir / "id_vs_ood.png")) is not None:
+    if (p := id_vs_ood(results, layout.plot("id_vs_ood"))) is not None:
         out["id_vs_ood"] = p
     for name, m in results["methods"].items():
         if m.get("curve"):
             out[f"wise_ft_curve/{name}"] = wise_ft_curve(name, m["curve"], list(results["splits"]),
-                                                         out_dir / f"wise_ft_curve_{name}.png")
+                                                         layout.plot(f"wise_ft_curve_{name}"))
         meta_path = layout.soup_meta(name)
         if not meta_path.is_file():
             continue
         meta = read_json(meta_path)
         if "path" in meta["info"] and "soup_heldout_acc" in meta["info"]["path"][0]:
-            out[f"greedy_path/{name}"] = greedy_path(meta, out_dir / f"greedy_path_{name}.png")
+            out[f"greedy_path/{name}"] = greedy_path(meta, layout.plot(f"greedy_path_{name}"))
         if "coefficients" in meta["info"]:
-            out[f"coefficients/{name}"] = coefficients(meta, out_dir / f"coefficients_{name}.png")
+            out[f"coefficients/{name}"] = coefficients(meta, layout.plot(f"coefficients_{name}"))
     return out
 
 

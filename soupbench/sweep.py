@@ -21,11 +21,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from soupbench.errors import report_errors
 from soupbench.io import write_json
 from soupbench.resolvers import override_values, seed_tag
-from soupbench.run_layout import RunLayout
+from soupbench.run_layout import FAILED_MARKER, RunLayout  # noqa: F401 - the marker's name, for callers
 from soupbench.settings.check import check_settings
 
 log = logging.getLogger("soupbench")
-FAILED_MARKER = "FAILED.json"
 _STARTED = time.time()       # a marker older than this process is an earlier attempt's
 
 
@@ -134,7 +133,7 @@ def mark_failed(job_dir: str | Path, error: BaseException) -> None:
     from soupbench.distributed import RankFailed, where
 
     rank = where()
-    marker = Path(job_dir) / FAILED_MARKER
+    marker = RunLayout(Path(job_dir)).failed_marker
     if rank and (isinstance(error, RankFailed) or (marker.is_file() and marker.stat().st_mtime >= _STARTED)):
         return         # a job of several ranks: the marker names the rank that failed first, not those it ended
     write_json(marker, {"error": f"{rank + ': ' if rank else ''}{type(error).__name__}: {error}",

@@ -177,7 +177,8 @@ def test_command_soups_timm_ddp_checkpoints_and_timm_loads_the_export(user_files
     """The issue's "done when": a folder of timm checkpoints from a DDP script, souped on the user's own image
     folder; `timm.create_model(..., pretrained_cfg_overlay=dict(file=<exported greedy soup>))` predicts as
     soupbench evaluated it."""
-    from soupbench.pipeline import Run, run
+    from soupbench.pipeline import run
+    from soupbench.stages.setup import setup
 
     overrides = [*user_run(user_files), "soup=[best_individual,uniform,greedy,wise_ft,ensemble]",
                  "export.formats=[state_dict]"]
@@ -189,7 +190,7 @@ def test_command_soups_timm_ddp_checkpoints_and_timm_loads_the_export(user_files
     assert read_json(Path(cfg.ingredients.dir) / "checks" / "start.json")["passed"]
     exported = Path(cfg.export.dir) / "greedy.safetensors"
     net = timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=str(exported), num_classes=10))
-    test = Run(cfg).data.test
+    test = setup(cfg).data.test
     mean = torch.tensor(net.pretrained_cfg["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(net.pretrained_cfg["std"]).view(1, -1, 1, 1)
     with torch.no_grad():

@@ -19,7 +19,8 @@ from soupbench.backbones import timm_model
 from soupbench.checkpoints import read_checkpoint, source_files
 from soupbench.errors import CheckpointError, ConfigError
 from soupbench.export import export_soup
-from soupbench.importers import check_start, import_files, read_weights
+from soupbench.importers import import_files, read_weights
+from soupbench.start_check import check_start
 
 ARCH = "test_convnext"      # timm's tiny ConvNeXt: its head holds a norm (head.norm) beside the classifier (head.fc)
 

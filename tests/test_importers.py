@@ -10,7 +10,8 @@ import torch
 
 from soupbench.errors import CheckpointError
 from soupbench.io import load_weights, read_json
-from soupbench.pipeline import Run, run
+from soupbench.pipeline import run
+from soupbench.stages.setup import setup
 from tests.helpers import compose_cfg, make_tree
 
 
@@ -58,7 +59,7 @@ def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagene
     ckpts.mkdir()
     cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model,
                     "soup=[best_individual,uniform,greedy,mehl_plus,wise_ft,ensemble]", "soup.wise_ft.alphas=[0.0,1.0]")
-    base = {k: v.clone() for k, v in Run(cfg).model.state_dict().items()}
+    base = {k: v.clone() for k, v in setup(cfg).model.state_dict().items()}
     for i in range(3):
         torch.save(released_format(base, 1e-3, i), ckpts / f"model_{i}.pt")
     results = run(cfg)
@@ -134,11 +135,11 @@ def test_import_needs_the_ingredients_own_heldout(imagenet_tree, clip_test_model
     ckpts.mkdir()
     cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model, "dataset.heldout_index=null")
     with pytest.raises(ConfigError, match="dataset.heldout_index=.*allow_foreign_heldout"):
-        Run(cfg)
+        setup(cfg)
     cfg = paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model, "dataset.heldout_index=null",
                     "ingredients.allow_foreign_heldout=true")
-    run_ = Run(cfg)
+    run_ = setup(cfg)
     assert run_.warnings and "overlaps their training data" in run_.warnings[0]
     assert run_.data.heldout_source.startswith("hash:")
-    ok = Run(paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model))
-    assert ok.warnings == [] and ok.data.heldout_source == "index:imagenet_98_idxs.npy"
+    ok = setup(paper_cfg(tmp_path, imagenet_tree, ckpts, clip_test_model))
+    assert ok.warnings == () and ok.data.heldout_source == "index:imagenet_98_idxs.npy"

@@ -12,9 +12,9 @@ from soupbench.backbones.classifier import Classifier
 from soupbench.errors import ConfigError
 from soupbench.evaluate import predict
 from soupbench.io import fingerprint, load_weights, save_weights
-from soupbench.pipeline import Run
 from soupbench.runtime import like_model, set_memory_format
 from soupbench.soups import learned
+from soupbench.stages.setup import setup
 from tests.helpers import compose_cfg, random_split, tiny_model
 
 CPU = torch.device("cpu")
@@ -124,10 +124,10 @@ def test_every_functional_call_gets_weights_in_the_model_layout(monkeypatch):
 
 
 def test_the_default_backbone_runs_channels_last_with_tap_gradients_on_the_cpu(tmp_path):
-    run_ = Run(compose_cfg(["experiment=tiny", "logger=none", "device=cpu"], tmp_path))
+    run_ = setup(compose_cfg(["experiment=tiny", "logger=none", "device=cpu"], tmp_path))
     assert run_.memory_format == "channels_last"
     assert run_.model.encoder.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert sum("forward" in m.__dict__ for m in run_.model.modules()) == 16     # depthwise_grad: auto -> taps
-    plain = Run(compose_cfg(["experiment=tiny", "logger=none", "device=cpu", "memory_format=contiguous",
+    plain = setup(compose_cfg(["experiment=tiny", "logger=none", "device=cpu", "memory_format=contiguous",
                              "depthwise_grad=native"], tmp_path))
     assert plain.memory_format == "contiguous" and not any("forward" in m.__dict__ for m in plain.model.modules())

@@ -138,33 +138,36 @@ def test_heldout_accuracies_follow_the_data_settings(tiny_run, tmp_path):
     """A stored ingredient accuracy from other data settings (a capped quick check, then a full run in the same
     directory) is recomputed, so greedy order, best individual and exclude_top rank on this held-out."""
     from soupbench.evaluate import accuracy
-    from soupbench.pipeline import Run
+    from soupbench.stages.select import selected_ingredients
+    from soupbench.stages.setup import setup
+    from soupbench.stages.start import prepare_start
 
     copy_of_run(tiny_run, tmp_path)
     cfg = compose_cfg(["experiment=tiny", "logger=none", "dataset.num_heldout=40"], tmp_path)
-    run_ = Run(cfg)
-    run_.prepare_base()
-    chosen = run_.selected_ingredients()
-    assert len(run_.data.heldout) == 40
+    s = setup(cfg)
+    chosen, _ = selected_ingredients(s, prepare_start(s))
+    assert len(s.data.heldout) == 40
     for g in chosen:
-        direct = accuracy(run_.evaluator.scores(g.load(), "heldout", g.fingerprint), run_.data.heldout)
+        direct = accuracy(s.evaluator.scores(g.load(), "heldout", g.fingerprint), s.data.heldout)
         assert g.heldout_acc == pytest.approx(direct)
-        assert g.meta["heldout_data_key"] == run_.data_key
+        assert g.meta["heldout_data_key"] == s.data_key
     metas = [read_json(p) for p in (tmp_path / "tiny" / "ingredients").glob("*.json")]
     stored = {m["id"]: m["heldout_acc"] for m in metas}
     assert any(stored[g.id] != pytest.approx(g.heldout_acc) for g in chosen)   # the old figures were stale
 
 
 def test_max_train_images_is_a_seeded_sample_of_every_class_and_changes_the_ids(tmp_path):
-    from soupbench.pipeline import Run
+    from soupbench.stages.finetune import planned_ingredients, train_split
+    from soupbench.stages.setup import setup
 
-    full = Run(compose_cfg(["experiment=tiny", "logger=none"], tmp_path))
-    capped = Run(compose_cfg(["experiment=tiny", "logger=none", "finetune.max_train_images=30"], tmp_path))
-    train = capped.train_split()
-    assert len(train) == 30 and full.train_split() is full.data.train
+    full = setup(compose_cfg(["experiment=tiny", "logger=none"], tmp_path))
+    capped = setup(compose_cfg(["experiment=tiny", "logger=none", "finetune.max_train_images=30"], tmp_path))
+    train = train_split(capped)
+    assert len(train) == 30 and train_split(full) is full.data.train
     assert len(train.labels.unique()) > len(full.data.train.labels[:30].unique())    # the first 30: few classes
-    assert torch.equal(train.labels, capped.train_split().labels)                     # seeded
-    assert {g for g, _, _ in full.planned_ingredients()}.isdisjoint(g for g, _, _ in capped.planned_ingredients())
+    assert torch.equal(train.labels, train_split(capped).labels)                      # seeded
+    assert {g for g, _, _ in planned_ingredients(full.cfg)}.isdisjoint(
+        g for g, _, _ in planned_ingredients(capped.cfg))
 
 
 def test_reusing_ingredients_under_another_start_stops_naming_the_settings(tiny_run, tmp_path):
