@@ -209,7 +209,7 @@ def bn_images(data: BNDataLike, limit: int) -> torch.Tensor:
 def _start_problem(staged: list[Ingredient], base: Mapping[str, torch.Tensor], model: nn.Module,
                    ratio: float | None) -> str | None:
     """Why the template's weights are not the ingredients' start (the measured start check), or None."""
-    from soupbench.importers import check_start, rounding_tolerance
+    from soupbench.start_check import check_start, rounding_tolerance
 
     bound = ratio if ratio is not None else _config_default("ingredients")["start_check_ratio"]
     check = check_start(staged, base, float(bound), [n for n, _ in model.named_parameters()],

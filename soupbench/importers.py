@@ -16,7 +16,6 @@ from soupbench.checkpoints import match_state, read_checkpoint
 from soupbench.errors import CheckpointError
 from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
 from soupbench.io import fingerprint, hash_settings, require_finite
-from soupbench.start_check import check_start, rounding_tolerance  # noqa: F401 - where callers found them
 
 log = logging.getLogger("soupbench")
 

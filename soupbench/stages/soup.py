@@ -6,24 +6,23 @@ from __future__ import annotations
 import logging
 import resource
 import shutil
-import time
 from functools import partial
 
 import torch
 from omegaconf import DictConfig
 
 from soupbench import faults
-from soupbench.backbones import has_batchnorm, recalibrate_batchnorm
 from soupbench.data.streaming import decoded
 from soupbench.errors import ConfigError
-from soupbench.guards import require_finite_tensors
 from soupbench.ingredients import Ingredient
-from soupbench.io import fingerprint, hash_settings, load_verified, reusable_meta, save_weights, write_json
+from soupbench.io import hash_settings, load_verified, reusable_meta, save_weights, write_json
 from soupbench.names import nfc
+from soupbench.rowfile import in_memory
 from soupbench.sharding import built_by_every_rank, sharded_accuracy
+from soupbench.soups import engine, registry
 from soupbench.soups.context import SoupContext, SoupResult
 from soupbench.stages.scores import ingredient_scores
-from soupbench.stages.setup import Setup, build, container
+from soupbench.stages.setup import Setup, container
 from soupbench.stages.start import Start, verified
 
 log = logging.getLogger("soupbench")
@@ -86,7 +85,6 @@ def make_soup(s: Setup, start: Start, start_problem: str | None, name: str, scfg
     """Build soup `name` (`everywhere`: on every rank together, held-out passes sharded and stored scores
     rank 0's); rank 0 saves it (weights, meta, exports). `built`: the soups before it. Returns its meta."""
     world, evaluator = s.world, s.evaluator
-    method = build(scfg)
     used: dict[str, str] = {}
     ctx = SoupContext(
         ingredients=ingredients, base=start.weights, start_problem=start_problem, heldout=s.data.heldout,
@@ -97,23 +95,24 @@ def make_soup(s: Setup, start: Start, start_problem: str | None, name: str, scfg
         else partial(ingredient_scores, evaluator), progress=s.progress and world.main, data_key=s.data_key,
         precision=s.cfg.eval.precision, heldout_images=evaluator.images("heldout"),
         earlier_soup=lambda wanted: earlier_soup(s, built, name, wanted, used), name=name)
+
+    def heldout_scores(state: dict[str, torch.Tensor], fp: str) -> torch.Tensor:
+        """The finished soup's held-out scores, stored by fingerprint: the evaluate stage reads them back."""
+        return in_memory(evaluator.score_rows(state, "heldout", fp))
+
+    def bn_images() -> torch.Tensor:
+        return decoded(s.data.train.sample(bn["num_images"], bn["seed"]), s.cfg.dataset.image_size).images
+
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
-    t0 = time.perf_counter()
-    result: SoupResult = method(ctx)
-    if bn["enabled"] and result.state is not None and has_batchnorm(s.model):
-        sample = s.data.train.sample(bn["num_images"], bn["seed"])
-        images = decoded(sample, s.cfg.dataset.image_size).images
-        result.state = recalibrate_batchnorm(s.model, result.state, images, bn["batch_size"], s.device)
-        result.info["bn_recalibrated_on"] = len(images)
-    elapsed = time.perf_counter() - t0
+    result = engine.make_soup(registry.method_of(name, scfg), ctx, settings,
+                              (lambda w, fp: world.on_first(lambda: heldout_scores(w, fp))) if everywhere
+                              else heldout_scores, bn_images if bn["enabled"] else None, bn["batch_size"])
     meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
-            "members": result.members, "depends_on": used,
-            "soup_time_s": elapsed, **peak_memory(s.device), "info": result.info}
-    if result.state is not None:                # a soup that is not finite is never saved
-        require_finite_tensors(result.state, "soup tensor", f"soup.{name}",
-                               f"nothing of soup {name} was saved; change soup.{name}.* (e.g. a lower lr)")
-        meta["fingerprint"] = fingerprint(result.state)
+            "members": result.members, "depends_on": used, "soup_time_s": result.time_s,
+            **peak_memory(s.device), "info": result.info, "heldout_score": result.heldout_score}
+    if result.state is not None:                # a soup that is not finite is never saved (engine.finish)
+        meta["fingerprint"] = result.fingerprint
     if not world.main:
         return meta
     if result.state is not None:
@@ -123,7 +122,8 @@ def make_soup(s: Setup, start: Start, start_problem: str | None, name: str, scfg
     faults.point(f"soup.{name}.saved")
     export(s, name, meta, result.state)
     shutil.rmtree(ctx.work_dir, ignore_errors=True)     # resume state is redundant once the soup is saved
-    log.info("soup %s: %d member(s), %.1fs", name, len(result.members), elapsed)
+    log.info("soup %s: %d member(s), held-out %.2f, %.1fs", name, len(result.members), result.heldout_score,
+             result.time_s)
     return meta
 
 
