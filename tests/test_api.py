@@ -218,7 +218,7 @@ def test_command_soups_timm_ddp_checkpoints_and_timm_loads_the_export(user_files
 
 
 def test_own_soup_method_from_a_config_dir_outside_the_package(user_files, tmp_path):
-    """docs/own-models.md's "a soup method of your own": one Python file and one YAML beside it, `-cd` on the command."""
+    """docs/own-models.md's own soup method: one Python file and one YAML beside it, `-cd` on the command."""
     mine = tmp_path / "mine"
     (mine / "soup").mkdir(parents=True)
     (mine / "soup" / "trimmed_mean.yaml").write_text(readme_block("file: my_methods/soup/trimmed_mean.yaml"))
