@@ -311,7 +311,7 @@ def test_methods_table_names_every_config_and_source():
     table = readme().split("## Methods", 1)[1].split("\n## ", 1)[0]
     configs = set(re.findall(r"conf/soup/[\w]+\.yaml", table))
     assert configs == {f"conf/soup/{p.name}" for p in (REPO / "conf" / "soup").glob("*.yaml")}
-    for path in {*configs, *re.findall(r"soupbench/soups/[\w/]+\.py", table)}:
+    for path in {*configs, *re.findall(r"soupbench/soups/[\w/.]+", table)}:
         assert (REPO / path).is_file(), path
 
 
