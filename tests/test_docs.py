@@ -80,6 +80,8 @@ def test_every_block_is_run_composed_or_exempt():
     bad = [f"{b.id} ```{b.lang}" + (f" <!-- {b.marker} -->" if b.marker else "") for b in ALL
            if not (b.lang in ("python", "yaml", "text") or b.marker.startswith("file:")
                    or (b.lang in SHELL and b.marker in ("run", "run slow", "compose-only")))]
+    bad += [f"{d.relative_to(REPO)}:{i} an indented fence" for d in DOCS if d.is_file()
+            for i, line in enumerate(d.read_text().splitlines(), 1) if re.match(r"\s+```", line)]
     assert not bad, ("blocks neither run, composed nor exempt (python/yaml/text, or a shell block marked "
                      "<!-- run -->, <!-- run slow --> or <!-- compose-only -->): " + ", ".join(bad))
 
