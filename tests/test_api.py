@@ -99,10 +99,15 @@ def user_files(tmp_path_factory) -> Path:
     return root
 
 
+def doc_pages() -> str:
+    """README.md and the pages under docs/, where the examples these tests run as written are."""
+    return "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+
+
 def readme_example(name: str) -> str:
-    text = (REPO / "README.md").read_text()
-    found = re.search(rf"<!-- {name} -->\n```python\n(.*?)```", text, re.S)
-    assert found, f"README has no python block marked <!-- {name} -->"
+    text = doc_pages()
+    found = re.search(rf"<!-- {re.escape(name)} -->\n```python\n(.*?)```", text, re.S)
+    assert found, f"no python block marked <!-- {name} -->"
     return found.group(1)
 
 
@@ -214,11 +219,11 @@ def test_command_soups_timm_ddp_checkpoints_and_timm_loads_the_export(user_files
 
 
 def test_own_soup_method_from_a_config_dir_outside_the_package(user_files, tmp_path):
-    """The README's "your own soup method": one Python file and one YAML beside it, `-cd` on the command."""
+    """docs/own-models.md's own soup method: one Python file and one YAML beside it, `-cd` on the command."""
     mine = tmp_path / "mine"
     (mine / "soup").mkdir(parents=True)
-    (mine / "soup" / "trimmed_mean.yaml").write_text(readme_block("own-method-yaml"))
-    (mine / "trimmed_mean_soup.py").write_text(readme_example("own-method-python"))
+    (mine / "soup" / "trimmed_mean.yaml").write_text(readme_block("file: my_methods/soup/trimmed_mean.yaml"))
+    (mine / "trimmed_mean_soup.py").write_text(readme_example("file: my_methods/trimmed_mean_soup.py"))
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     soupbench_cmd = Path(sys.executable).with_name("soupbench")     # the console script, as a user runs it
     cmd = [str(soupbench_cmd), "-cd", ".", *user_run(user_files), "name=mine", "soup=[uniform,trimmed_mean]",
@@ -233,8 +238,8 @@ def test_own_soup_method_from_a_config_dir_outside_the_package(user_files, tmp_p
 
 
 def readme_block(name: str) -> str:
-    text = (REPO / "README.md").read_text()
-    found = re.search(rf"<!-- {name} -->\n```\w*\n(.*?)```", text, re.S)
-    assert found, f"README has no block marked <!-- {name} -->"
+    text = doc_pages()
+    found = re.search(rf"<!-- {re.escape(name)} -->\n```\w*\n(.*?)```", text, re.S)
+    assert found, f"no block marked <!-- {name} -->"
     return found.group(1)
 
