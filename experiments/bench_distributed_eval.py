@@ -33,7 +33,7 @@ def _setup(images: int, batch: int, weights: int, store: Path):
     from soupbench.backbones.efficientnet_lite import create
     from soupbench.data import DataBundle, Split
     from soupbench.evaluate import Evaluator
-    from soupbench.io import fingerprint
+    from soupbench.io.hashing import fingerprint
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(0)

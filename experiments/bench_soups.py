@@ -38,7 +38,9 @@ from soupbench.backbones import Classifier  # noqa: E402
 from soupbench.data import Split  # noqa: E402
 from soupbench.evaluate import accuracy, predict  # noqa: E402
 from soupbench.ingredients import Ingredient  # noqa: E402
-from soupbench.io import fingerprint, load_weights, save_weights, write_json  # noqa: E402
+from soupbench.io.atomic import save_weights, write_json
+from soupbench.io.hashing import fingerprint
+from soupbench.io.weights import load_weights
 from soupbench.runtime import autocast  # noqa: E402
 from soupbench.soups import greedy, learned  # noqa: E402
 from soupbench.soups.context import SoupContext  # noqa: E402

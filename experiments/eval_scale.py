@@ -37,7 +37,8 @@ from soupbench.evaluate import (
     predict_chunks,
     split_scores,
 )
-from soupbench.io import load_weights, save_weights
+from soupbench.io.atomic import save_weights
+from soupbench.io.weights import load_weights
 from soupbench.rowfile import MappedRows, write_rows
 
 WIDTH, CLASSES = 64, 1000

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from soupbench.errors import SoupbenchError
-from soupbench.io import atomic_path, read_json, write_json
+from soupbench.io.atomic import atomic_path, read_json, write_json
 from soupbench.run_layout import RunLayout, aggregate_paths
 from soupbench.tables import MeanStd, render
 

@@ -23,7 +23,8 @@ from torch import nn
 from soupbench.data import Split
 from soupbench.errors import ConfigError
 from soupbench.ingredients import Ingredient, save_ingredient
-from soupbench.io import fingerprint, hash_settings, require_finite
+from soupbench.io.hashing import fingerprint, hash_settings
+from soupbench.io.weights import require_finite
 
 IngredientLike = str | Path | Mapping[str, torch.Tensor] | nn.Module
 HeldoutLike = Iterable | tuple[torch.Tensor, torch.Tensor]
@@ -127,7 +128,7 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
     from soupbench.backbones.depthwise_grad import set_depthwise_grad
     from soupbench.checkpoints import source_files
     from soupbench.evaluate import percent, predict
-    from soupbench.io import to_device
+    from soupbench.io.weights import to_device
     from soupbench.runtime import resolve_device, set_memory_format
     from soupbench.soups.context import SoupContext
     from soupbench.soups.engine import make_soup

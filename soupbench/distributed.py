@@ -29,16 +29,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from soupbench.errors import ConfigError, SoupbenchError
+from soupbench.errors import ConfigError, RankFailed
 from soupbench.settings.choices import SoupDistributed, values
 
 log = logging.getLogger("soupbench")
 _WAIT_GROUP: Any = None     # gloo group for waiting on rank 0's own work (init); None: the default group
 _ALONE = False              # inside World.on_first on rank 0: the other ranks wait, so no collective may start
-
-
-class RankFailed(SoupbenchError):
-    """Another rank of this job failed; the message names it and carries its error."""
 
 
 @dataclass(frozen=True)
@@ -203,13 +199,3 @@ def where() -> str:
     """"rank R of N" inside a job of several processes (torchrun's variables; init exports submitit's), else ""."""
     size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     return f"rank {os.environ.get('RANK', '0')} of {size}" if size > 1 else ""
-
-
-def inject_fault(stage: str) -> None:
-    """Test hook: SOUPBENCH_RANK_FAULT=<rank>:<stage> raises on that rank as the stage starts (failure tests)."""
-    spec = os.environ.get("SOUPBENCH_RANK_FAULT")
-    if not spec:
-        return
-    rank, _, at = spec.partition(":")
-    if at == stage and rank == os.environ.get("RANK", "0"):
-        raise RuntimeError(f"injected fault (SOUPBENCH_RANK_FAULT={spec}) on rank {rank} in the {stage} stage")

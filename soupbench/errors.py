@@ -1,4 +1,5 @@
-"""User-facing errors: each names the file or setting at fault, and the CLI prints it without a traceback."""
+"""Every error soupbench raises for the user: each names the file or setting at fault, and the CLI prints it
+without a traceback (`report_errors`: one line, exit 2; an interrupted run: one line, exit 128 + the signal)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ class DataError(SoupbenchError):
 
 class CheckpointError(SoupbenchError):
     """A weights file is missing, truncated, corrupt, non-finite or incompatible."""
+
+
+class DivergedError(SoupbenchError):
+    """An optimisation loop produced a non-finite loss, coefficient or weight: a setting is out of range (most
+    often a learning rate); nothing of that loop was saved."""
+
+
+class RankFailed(SoupbenchError):
+    """Another rank of a torch.distributed job failed; the message names it and carries its error."""
 
 
 class Interrupted(BaseException):

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from soupbench import faults
 from soupbench.data import DataBundle, Split
 from soupbench.errors import CheckpointError, ConfigError
-from soupbench.io import fingerprint, to_device
+from soupbench.io.hashing import fingerprint
+from soupbench.io.weights import to_device
 from soupbench.rowfile import MappedRows, in_memory, write_rows
 from soupbench.runtime import autocast, like_model, release_host_memory
 from soupbench.settings.choices import ImagesOnDevice, values

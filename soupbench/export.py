@@ -26,7 +26,7 @@ import torch
 
 from soupbench.backbones.source_keys import SourceKeys
 from soupbench.errors import ConfigError
-from soupbench.io import atomic_path, save_weights
+from soupbench.io.atomic import atomic_path, save_weights
 from soupbench.settings.choices import ExportFormat, values
 
 

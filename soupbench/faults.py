@@ -3,13 +3,16 @@ the stage a run is in (for the line an interrupted run prints).
 
 A no-op unless the environment sets them:
 
-    SOUPBENCH_FAULT=<point>[@<n>][:<SIGNAL>]   at the n-th time (default 1) the run reaches <point> (an fnmatch
-                                                pattern: `finetune.step@7`, `soup.*.saved`), send itself <SIGNAL>
-                                                (KILL, TERM or INT; default KILL)
+    SOUPBENCH_FAULT=<point>[@<n>][:<ACTION>]   at the n-th time (default 1) the run reaches <point> (an fnmatch
+                                                pattern: `finetune.step@7`, `soup.*.saved`): KILL, TERM or INT
+                                                (send itself that signal; default KILL), or RAISE (a RuntimeError,
+                                                as a bug would: how the rank-failure tests fail one rank)
+    SOUPBENCH_FAULT_RANK=<rank>                 only on that rank of a torch.distributed job (default: every rank)
     SOUPBENCH_FAULT_TRACE=<file>                append every point reached to <file>, one name a line (how the
                                                 harness lists the points of a run before choosing where to kill)
 
-Points (in run order): lp.start, lp.weights_saved (between the weights and the JSON that vouches for them),
+Points (in run order): lp.start, stage.finetune (and stage.soup, stage.evaluate, stage.report as each stage
+starts), lp.weights_saved (between the weights and the JSON that vouches for them),
 finetune.step (each step), finetune.checkpoint, ingredient.weights_saved, soup.<method>.start,
 soup.<method>.block (each finished learned-soup block), soup.<method>.weights_saved, soup.<method>.saved,
 evaluate.scores (each score file written), evaluate.correct, evaluate.results, report.start, report.plots,
@@ -24,6 +27,7 @@ import signal
 
 ENV, TRACE_ENV = "SOUPBENCH_FAULT", "SOUPBENCH_FAULT_TRACE"
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT}
+RANK_ENV, RAISE = "SOUPBENCH_FAULT_RANK", 0       # RAISE: the action that raises instead of sending a signal
 
 stage = "start-up"          # the stage the run is in, named by the line an interrupted run prints
 _hits: dict[str, int] = {}
@@ -35,10 +39,11 @@ def set_stage(name: str) -> None:
 
 
 def parse(spec: str) -> tuple[str, int, int]:
-    """'<point>[@<n>][:<SIGNAL>]' -> (pattern, n, signal number)."""
-    pattern, _, sig = spec.partition(":")
+    """'<point>[@<n>][:<ACTION>]' -> (pattern, n, signal number or RAISE)."""
+    pattern, _, action = spec.partition(":")
     pattern, _, n = pattern.partition("@")
-    return pattern, int(n or 1), SIGNALS[(sig or "KILL").upper()]
+    action = (action or "KILL").upper()
+    return pattern, int(n or 1), RAISE if action == "RAISE" else SIGNALS[action]
 
 
 def point(name: str) -> None:
@@ -49,8 +54,14 @@ def point(name: str) -> None:
             f.write(name + "\n")
     if not spec:
         return
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get(RANK_ENV, rank) != rank:
+        return
     pattern, n, sig = parse(spec)
     if fnmatch.fnmatchcase(name, pattern):
         _hits[pattern] = _hits.get(pattern, 0) + 1
-        if _hits[pattern] == n:
-            os.kill(os.getpid(), sig)
+        if _hits[pattern] != n:
+            return
+        if sig == RAISE:
+            raise RuntimeError(f"injected fault ({ENV}={spec}) on rank {rank} at {name}")
+        os.kill(os.getpid(), sig)

@@ -24,15 +24,10 @@ from soupbench.batches import batch_bounds, num_batches
 from soupbench.data import Split
 from soupbench.data.streaming import TrainImages, epoch_loader, eval_transform, train_transform
 from soupbench.distributed import SINGLE, World, barrier
-from soupbench.errors import ConfigError, DataError
-from soupbench.guards import (
-    DivergedError,
-    divergence_warning,
-    require_finite_losses,
-    require_finite_tensors,
-    setting,
-)
-from soupbench.io import hash_settings, save_torch
+from soupbench.errors import ConfigError, DataError, DivergedError
+from soupbench.guards import divergence_warning, require_finite_losses, require_finite_tensors, setting
+from soupbench.io.atomic import save_torch
+from soupbench.io.hashing import hash_settings
 from soupbench.runtime import autocast, cosine_with_warmup, progress_bar
 from soupbench.settings.choices import Augment, Distribution, ProbeInit, Search
 from soupbench.sharding import fold_share, sharded_rows

@@ -18,17 +18,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from soupbench.errors import SoupbenchError
+from soupbench.errors import DivergedError
 
 log = logging.getLogger("soupbench")
 
 DIVERGENCE_FACTOR = 2.0
 DIVERGENCE_MARGIN = 0.5
-
-
-class DivergedError(SoupbenchError):
-    """An optimisation loop produced a non-finite loss, coefficient or weight: a setting is out of range (most
-    often a learning rate); nothing of that loop was saved."""
 
 
 def setting(name: str, value: object) -> str:
@@ -44,7 +39,7 @@ def first_bad(values: torch.Tensor | Sequence[float]) -> int | None:
     if t.numel() == 0:
         return None
     ok = torch.isfinite(t)
-    if bool(ok.all()):                        # the flag reads True when all is well, as io.require_finite's
+    if bool(ok.all()):                        # the flag reads True when all is well, as first_nonfinite's
         return None
     return int((~ok).float().argmax())        # the first bad one (argmax: no data-dependent shape)
 
@@ -63,17 +58,22 @@ def require_finite_losses(losses: torch.Tensor | Sequence[float], what: str, whe
                             f"nothing saved: {advice}")
 
 
-def require_finite_tensors(tensors: Mapping[str, torch.Tensor], what: str, settings: str,
-                           advice: str = "lower the learning rate") -> None:
-    """DivergedError naming the first tensor (weights, coefficients) that holds NaN or Inf. One flag per
-    tensor, reduced on the tensors' device and read once (not one device synchronisation per tensor)."""
+def first_nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or Inf (None: all finite). One flag per tensor,
+    reduced on the tensors' device and read once (not one device synchronisation per tensor): the one finite
+    check behind a weights file's (`io.weights.require_finite`) and a finished soup's or loop's."""
     floats = [(name, t) for name, t in tensors.items() if t.is_floating_point() and t.numel()]
     if not floats:
-        return
+        return None
     ok = torch.stack([torch.isfinite(t).all() for _, t in floats])
-    if not bool(ok.all()):
-        i = int((~ok).float().argmax())
-        raise DivergedError(f"{settings}: {what} '{floats[i][0]}' holds NaN or Inf values; nothing saved: {advice}")
+    return None if bool(ok.all()) else floats[int((~ok).float().argmax())][0]
+
+
+def require_finite_tensors(tensors: Mapping[str, torch.Tensor], what: str, settings: str,
+                           advice: str = "lower the learning rate") -> None:
+    """DivergedError naming the first tensor (weights, coefficients) that holds NaN or Inf."""
+    if (bad := first_nonfinite(tensors)) is not None:
+        raise DivergedError(f"{settings}: {what} '{bad}' holds NaN or Inf values; nothing saved: {advice}")
 
 
 def divergence_warning(first: float, last: float, what: str, where: str, settings: str) -> str | None:

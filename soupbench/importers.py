@@ -15,7 +15,8 @@ from soupbench.backbones.source_keys import SourceKeys
 from soupbench.checkpoints import match_state, read_checkpoint
 from soupbench.errors import CheckpointError
 from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
-from soupbench.io import fingerprint, hash_settings, require_finite
+from soupbench.io.hashing import fingerprint, hash_settings
+from soupbench.io.weights import require_finite
 
 log = logging.getLogger("soupbench")
 

@@ -16,7 +16,8 @@ import torch
 
 from soupbench import faults
 from soupbench.errors import CheckpointError, ConfigError
-from soupbench.io import load_verified, read_json, save_weights, write_json
+from soupbench.io.atomic import read_json, save_weights, write_json
+from soupbench.io.weights import load_verified
 from soupbench.names import nfc
 from soupbench.run_layout import ingredient_files
 

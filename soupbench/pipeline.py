@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from soupbench import distributed, faults, tracking
 from soupbench.errors import SoupbenchError
-from soupbench.io import file_lock
+from soupbench.io.locks import file_lock
 from soupbench.settings.check import validate
 from soupbench.stages.evaluate import evaluate_stage, paper_figures  # noqa: F401 - paper_figures: where tests find it
 from soupbench.stages.finetune import finetune_stage
@@ -27,9 +27,9 @@ log = logging.getLogger("soupbench")
 
 
 def enter(stage: str, shown: str | None = None) -> None:
-    """A stage boundary: the rank-failure test hook (SOUPBENCH_RANK_FAULT) and the stage an interrupted run
-    names (`shown`, when the stage names it here rather than per piece of work)."""
-    distributed.inject_fault(stage)
+    """A stage boundary: its fault point (`stage.<stage>`) and the stage an interrupted run names (`shown`,
+    when the stage names it here rather than per piece of work)."""
+    faults.point(f"stage.{stage}")
     if shown is not None:
         faults.set_stage(shown)
 

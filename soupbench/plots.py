@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from soupbench.io import read_json  # noqa: E402
+from soupbench.io.atomic import read_json
 from soupbench.run_layout import RunLayout  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def all_plots(results: dict, layout: RunLayout) -> dict[str, Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    from soupbench.io import atomic_path
+    from soupbench.io.atomic import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -5,7 +5,7 @@ paired bootstrap interval (soupbench.stats), so a table says which gaps are more
 from __future__ import annotations
 
 from soupbench import faults, plots
-from soupbench.io import atomic_path, read_json
+from soupbench.io.atomic import atomic_path, read_json
 from soupbench.run_layout import RunLayout
 from soupbench.tables import Interval, Signed, render
 from soupbench.tracking import Tracker

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from soupbench.errors import CheckpointError
-from soupbench.io import atomic_path
+from soupbench.io.atomic import atomic_path
 
 _DTYPES = {torch.uint8: "U8", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}
 _TORCH = {v: k for k, v in _DTYPES.items()}

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from soupbench.batches import batch_bounds
-from soupbench.distributed import RankFailed, World, require_together
+from soupbench.distributed import World, require_together
+from soupbench.errors import RankFailed
 from soupbench.evaluate import Evaluator, percent
 
 log = logging.getLogger("soupbench")

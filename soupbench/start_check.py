@@ -13,7 +13,9 @@ import torch
 
 from soupbench.errors import ConfigError
 from soupbench.ingredients import Ingredient
-from soupbench.io import hash_settings, reusable_meta, write_json
+from soupbench.io.atomic import write_json
+from soupbench.io.hashing import hash_settings
+from soupbench.io.reuse import reusable_meta
 from soupbench.run_layout import RunLayout
 
 log = logging.getLogger("soupbench")

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from soupbench.errors import report_errors
-from soupbench.io import write_json
+from soupbench.io.atomic import write_json
 from soupbench.resolvers import override_values, seed_tag
 from soupbench.run_layout import FAILED_MARKER, RunLayout  # noqa: F401 - the marker's name, for callers
 from soupbench.settings.check import check_settings
@@ -130,7 +130,8 @@ def soup_job(launcher: DictConfig, cfg: DictConfig):
 def mark_failed(job_dir: str | Path, error: BaseException) -> None:
     """A marker in a failed job's directory. submitit can report a failed job as completed; this file (and
     the soup stage's list of missing ingredients) says which one failed and why."""
-    from soupbench.distributed import RankFailed, where
+    from soupbench.distributed import where
+    from soupbench.errors import RankFailed
 
     rank = where()
     marker = RunLayout(Path(job_dir)).failed_marker

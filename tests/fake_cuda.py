@@ -22,10 +22,10 @@ cannot do, each patch for one reason:
 - `torch.cuda.synchronize`, `current_stream(...).synchronize()`, `reset_peak_memory_stats` and `max_memory_allocated`
   (no-ops / 0, counted in `syncs`): they talk to a driver. `torch.cuda.is_available()` stays False: the mode
   itself asks it (True makes it initialise a real CUDA context); soupbench's stages branch on `device.type`.
-- `soupbench.io.load_file` (safetensors) and the row reads of `soupbench.rowfile.MappedRows` (mapped image
+- `soupbench.io.weights.load_file` (safetensors) and the row reads of `soupbench.rowfile.MappedRows` (mapped image
   and score files) run outside the mode: they fill real host tensors from a file, which fake tensors cannot
   hold; what follows (pinning, the copy to the device) runs inside. So does the content hash a load checks
-  against its recorded fingerprint (`soupbench.io.fingerprint`, of the real host tensors, before the copy).
+  against its recorded fingerprint (`soupbench.io.weights.fingerprint`, of the real host tensors, before the copy).
 - `ThreadPoolExecutor` in `soupbench.soups.averaging` and `soupbench.evaluate` runs each task at `submit`:
   dispatch modes are per thread, so work handed to a loader thread would escape the mode and try a real GPU.
 
@@ -173,23 +173,23 @@ def fake_cuda(monkeypatch, reads_as: Any = ReadBack) -> Iterator[FakeCuda]:
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", sync)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
     import soupbench.evaluate
-    import soupbench.io
+    import soupbench.io.weights
     import soupbench.soups.averaging
 
-    read_file = soupbench.io.load_file
+    read_file = soupbench.io.weights.load_file
 
     def load_file(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         with unset_fake_temporarily():
             return read_file(*args, **kwargs)
 
-    monkeypatch.setattr(soupbench.io, "load_file", load_file)
-    hash_of = soupbench.io.fingerprint
+    monkeypatch.setattr(soupbench.io.weights, "load_file", load_file)
+    hash_of = soupbench.io.weights.fingerprint
 
     def fingerprint(tensors: Any) -> str:
         with unset_fake_temporarily():
             return hash_of(tensors)
 
-    monkeypatch.setattr(soupbench.io, "fingerprint", fingerprint)
+    monkeypatch.setattr(soupbench.io.weights, "fingerprint", fingerprint)
     from soupbench.rowfile import MappedRows
 
     getitem = MappedRows.__getitem__

@@ -20,7 +20,7 @@ from soupbench.data import Split
 from soupbench.data.imagenet import _timm_info, imagenet_wnids
 from soupbench.evaluate import accuracy, predict
 from soupbench.ingredients import save_ingredient
-from soupbench.io import fingerprint
+from soupbench.io.hashing import fingerprint
 from soupbench.soups.context import SoupContext
 
 CPU = torch.device("cpu")

@@ -13,7 +13,8 @@ from torch import nn
 from soupbench.backbones import Classifier
 from soupbench.data import Split
 from soupbench.ingredients import Ingredient
-from soupbench.io import fingerprint, save_weights
+from soupbench.io.atomic import save_weights
+from soupbench.io.hashing import fingerprint
 from soupbench.soups import learned
 from soupbench.soups.context import SoupContext
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from soupbench.aggregate import aggregate, default_out, load_runs, main
-from soupbench.io import write_json
+from soupbench.io.atomic import write_json
 
 
 def fake_run(directory: Path, seed: int, best: tuple[float, float, float], uniform: tuple[float, float, float]) -> Path:

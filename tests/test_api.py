@@ -24,7 +24,7 @@ from torch import nn
 import soupbench
 from soupbench.errors import ConfigError
 from soupbench.ingredients import list_ingredients
-from soupbench.io import read_json
+from soupbench.io.atomic import read_json
 from soupbench.rowfile import in_memory
 from soupbench.soups.averaging import average
 from tests.helpers import compose_cfg

@@ -78,6 +78,6 @@ def test_learned_soup_steps_fold_the_last_held_out_image(tmp_path):
     _, ings = make_store(tmp_path, 2, scale=0.1, model=model)
     res = learned_soup(soup_context(model, ings, heldout, tmp_path), "affine", "model", None, epochs=2,
                         batch_size=32, lr=0.01)
-    from soupbench.io import read_json
+    from soupbench.io.atomic import read_json
     losses = read_json(tmp_path / "work" / "progress.json")["losses"]
     assert [len(ls) for ls in losses] == [4] and res.state is not None      # 2 steps (32 + 33) per epoch

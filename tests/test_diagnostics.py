@@ -9,7 +9,7 @@ import torch
 
 from soupbench.diagnostics import diagnose, edge_position, edge_summary, hyperparameter_edges, suggestion
 from soupbench.ingredients import save_ingredient
-from soupbench.io import fingerprint
+from soupbench.io.hashing import fingerprint
 from tests.helpers import tiny_model
 
 SPACE = {"lr": {"log_uniform": [1.0e-4, 1.0e-2]}, "weight_decay": {"uniform": [0.0, 0.1]}, "epochs": [1, 2, 4],

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from soupbench.distributed import World
 from soupbench.finetune import TrainSettings, finetune
-from soupbench.io import load_weights
+from soupbench.io.weights import load_weights
 from tests.helpers import random_split, tiny_model
 
 HP = {"lr": 1e-2, "weight_decay": 0.05, "epochs": 2, "label_smoothing": 0.1, "augment": "crop_flip"}

@@ -111,11 +111,12 @@ def test_an_error_on_rank_one_ends_both_ranks_with_its_message(runs, tmp_path):
     shutil.rmtree(tmp_path / "tiny" / "soups")
     (tmp_path / "tiny" / "results.json").unlink()
     t0 = time.monotonic()
-    job = start(tmp_path, 2, "stages=[soup,evaluate,report]", env={**ENV, "SOUPBENCH_RANK_FAULT": "1:soup"})
+    fault = {"SOUPBENCH_FAULT": "stage.soup:RAISE", "SOUPBENCH_FAULT_RANK": "1"}
+    job = start(tmp_path, 2, "stages=[soup,evaluate,report]", env={**ENV, **fault})
     out, _ = job.communicate(timeout=300)
     assert job.returncode != 0
     assert time.monotonic() - t0 < 120
-    assert "rank 1 of 2: RuntimeError: injected fault (SOUPBENCH_RANK_FAULT=1:soup) on rank 1 in the soup stage" in out
+    assert "rank 1 of 2: RuntimeError: injected fault (SOUPBENCH_FAULT=stage.soup:RAISE) on rank 1 at stage.soup" in out
     assert not (tmp_path / "tiny" / "results.json").exists()
 
 

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 import soupbench
 from soupbench.errors import ConfigError
 from soupbench.evaluate import ensemble_scores, percent
-from soupbench.io import load_weights, read_json
+from soupbench.io.atomic import read_json
+from soupbench.io.weights import load_weights
 from soupbench.rowfile import in_memory
 from soupbench.soups import registry
 from soupbench.soups.wise_ft import interpolate

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from soupbench.errors import CheckpointError
-from soupbench.io import fingerprint, load_verified, save_weights
+from soupbench.io.atomic import save_weights
+from soupbench.io.hashing import fingerprint
+from soupbench.io.weights import load_verified
 from tests.helpers import compose_cfg, copy_of_run
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from soupbench.errors import CheckpointError
-from soupbench.io import load_weights, read_json
+from soupbench.io.atomic import read_json
+from soupbench.io.weights import load_weights
 from soupbench.pipeline import run
 from soupbench.stages.setup import setup
 from tests.helpers import compose_cfg, make_tree

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from soupbench.errors import CheckpointError
-from soupbench.io import atomic_path, fingerprint, load_weights, save_weights
+from soupbench.io.atomic import atomic_path, save_weights
+from soupbench.io.hashing import fingerprint
+from soupbench.io.weights import load_weights
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):

@@ -10,7 +10,7 @@ from torch.func import functional_call
 from soupbench.errors import ConfigError as ConfigErrorType
 from soupbench.evaluate import accuracy, predict
 from soupbench.ingredients import save_ingredient
-from soupbench.io import fingerprint
+from soupbench.io.hashing import fingerprint
 from soupbench.runtime import lr_schedule, set_memory_format
 from soupbench.soups import learned
 from soupbench.soups.learned import coefficient_gradient, coefficient_weights, combine, learnable_names
@@ -351,7 +351,7 @@ def test_official_learned_recipe_learns_the_scale_at_a_constant_rate(tmp_path):
 
 def test_resume_state_is_tied_to_the_data(tmp_path, monkeypatch):
     """A learned soup's progress from other data settings is not resumed."""
-    from soupbench.io import read_json
+    from soupbench.io.atomic import read_json
 
     model, heldout, ings = store_with_accuracies(tmp_path)
     kw = dict(parameterisation="affine", granularity="layer", block_size=2, **SETTINGS)

@@ -11,7 +11,9 @@ from soupbench import evaluate
 from soupbench.backbones.classifier import Classifier
 from soupbench.errors import ConfigError
 from soupbench.evaluate import predict
-from soupbench.io import fingerprint, load_weights, save_weights
+from soupbench.io.atomic import save_weights
+from soupbench.io.hashing import fingerprint
+from soupbench.io.weights import load_weights
 from soupbench.runtime import like_model, set_memory_format
 from soupbench.soups import learned
 from soupbench.stages.setup import setup

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from soupbench.ingredients import save_ingredient
-from soupbench.io import fingerprint
+from soupbench.io.hashing import fingerprint
 from soupbench.soups import model_stock
 from soupbench.soups.context import SoupContext
 from tests.helpers import make_store, tiny_model

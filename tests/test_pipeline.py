@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from soupbench.errors import CheckpointError, ConfigError, DataError
-from soupbench.io import load_weights, read_json, save_weights
+from soupbench.io.atomic import read_json, save_weights
+from soupbench.io.weights import load_weights
 from soupbench.pipeline import run
 from tests.helpers import compose_cfg, copy_of_run
 

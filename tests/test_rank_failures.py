@@ -9,7 +9,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from soupbench.distributed import RankFailed, World
+from soupbench.distributed import World
+from soupbench.errors import RankFailed
 from soupbench.sweep import FAILED_MARKER, mark_failed
 
 
@@ -55,15 +56,22 @@ def test_a_single_process_marker_is_unchanged(tmp_path, monkeypatch):
     assert json.loads((tmp_path / FAILED_MARKER).read_text())["error"] == "RuntimeError: x"
 
 
-@pytest.mark.parametrize("spec,stage,rank,raises", [("1:soup", "soup", "1", True), ("1:soup", "soup", "0", False),
-                                                   ("1:soup", "evaluate", "1", False)])
-def test_the_fault_hook_raises_only_where_asked(monkeypatch, spec, stage, rank, raises):
-    from soupbench.distributed import inject_fault
+@pytest.mark.parametrize("only,point,rank,raises", [
+    ("1", "stage.soup", "1", True), ("1", "stage.soup", "0", False), ("1", "stage.evaluate", "1", False),
+    (None, "stage.soup", "0", True)])
+def test_a_raise_fault_raises_only_where_asked(monkeypatch, only, point, rank, raises):
+    from soupbench import faults
 
-    monkeypatch.setenv("SOUPBENCH_RANK_FAULT", spec)
+    monkeypatch.setattr(faults, "_hits", {})
+    monkeypatch.setenv("SOUPBENCH_FAULT", "stage.soup:RAISE")
+    if only is None:
+        monkeypatch.delenv("SOUPBENCH_FAULT_RANK", raising=False)
+    else:
+        monkeypatch.setenv("SOUPBENCH_FAULT_RANK", only)
     monkeypatch.setenv("RANK", rank)
     if raises:
-        with pytest.raises(RuntimeError, match="injected fault"):
-            inject_fault(stage)
+        with pytest.raises(RuntimeError, match=rf"injected fault \(SOUPBENCH_FAULT=stage.soup:RAISE\) on rank {rank} "
+                                               "at stage.soup"):
+            faults.point(point)
     else:
-        inject_fault(stage)
+        faults.point(point)

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from soupbench.io import read_json
+from soupbench.io.atomic import read_json
 
 ARGS = ["experiment=tiny", "logger=none", "progress=false", "num_threads=2",
         "soup=[best_individual,uniform,greedy,ensemble]"]

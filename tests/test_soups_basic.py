@@ -7,7 +7,7 @@ import torch
 
 from soupbench.evaluate import accuracy, ensemble_scores, predict
 from soupbench.ingredients import save_ingredient, sort_by_heldout
-from soupbench.io import fingerprint
+from soupbench.io.hashing import fingerprint
 from soupbench.soups import best_individual, ensemble, greedy, uniform
 from tests.helpers import make_store, random_split, soup_context, tiny_model
 

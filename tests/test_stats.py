@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from soupbench.errors import ConfigError
-from soupbench.io import load_weights
+from soupbench.io.weights import load_weights
 from soupbench.stats import bootstrap_indices, paired_deltas, resampled_means
 
 

@@ -13,7 +13,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 import soupbench
-from soupbench.io import read_json
+from soupbench.io.atomic import read_json
 from soupbench.sweep import FAILED_MARKER, SoupAfterSweep, after_sweep_config, sweeps_ingredients
 from tests.helpers import compose_cfg
 

@@ -7,7 +7,7 @@ import torch
 
 from soupbench.errors import ConfigError
 from soupbench.evaluate import accuracy, predict
-from soupbench.io import read_json, write_json
+from soupbench.io.atomic import read_json, write_json
 from soupbench.pipeline import run
 from soupbench.soups import wise_ft
 from soupbench.soups.context import SoupContext, SoupResult

@@ -15,7 +15,9 @@ from torch import nn
 from soupbench.backbones.classifier import Classifier
 from soupbench.backbones.source_keys import CLIP_TEXT_TOWER, SourceKeys
 from soupbench.errors import CheckpointError, ConfigError
-from soupbench.io import hash_settings, load_weights, save_weights
+from soupbench.io.atomic import save_weights
+from soupbench.io.hashing import hash_settings
+from soupbench.io.weights import load_weights
 
 
 class NormalizedImageTower(nn.Module):

@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from soupbench.errors import CheckpointError, DataError
-from soupbench.io import hash_settings
+from soupbench.io.hashing import hash_settings
 from soupbench.names import difference, nfc, unique_nfc
 from soupbench.rowfile import MappedRows, write_rows
 

@@ -17,7 +17,7 @@ import torch
 from soupbench.backbones import has_batchnorm, recalibrate_batchnorm
 from soupbench.evaluate import ensemble_scores
 from soupbench.guards import require_finite_tensors
-from soupbench.io import fingerprint
+from soupbench.io.hashing import fingerprint
 from soupbench.settings.base import Settings
 from soupbench.soups.context import SoupContext, SoupResult
 from soupbench.soups.registry import SoupMethod, method_of, validated

@@ -15,7 +15,9 @@ from soupbench.data import DataBundle
 from soupbench.errors import ConfigError
 from soupbench.evaluate import correct_by_rows, ensemble_correct, percent
 from soupbench.ingredients import Ingredient
-from soupbench.io import fingerprint, load_verified, load_weights, read_json, save_weights, write_json
+from soupbench.io.atomic import read_json, save_weights, write_json
+from soupbench.io.hashing import fingerprint
+from soupbench.io.weights import load_verified, load_weights
 from soupbench.names import nfc
 from soupbench.sharding import score_missing
 from soupbench.stages.scores import ingredient_score_rows

@@ -4,7 +4,7 @@ tracker (soupbench.report), from this invocation's results or those results.json
 from __future__ import annotations
 
 from soupbench import faults, report, tracking
-from soupbench.io import read_json
+from soupbench.io.atomic import read_json
 from soupbench.stages.setup import Setup
 
 

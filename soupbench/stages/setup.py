@@ -20,7 +20,7 @@ from soupbench.data import DataBundle
 from soupbench.distributed import World
 from soupbench.errors import ConfigError, SoupbenchError
 from soupbench.evaluate import Evaluator
-from soupbench.io import hash_settings
+from soupbench.io.hashing import hash_settings
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
 

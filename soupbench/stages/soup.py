@@ -15,7 +15,10 @@ from soupbench import faults
 from soupbench.data.streaming import decoded
 from soupbench.errors import ConfigError
 from soupbench.ingredients import Ingredient
-from soupbench.io import hash_settings, load_verified, reusable_meta, save_weights, write_json
+from soupbench.io.atomic import save_weights, write_json
+from soupbench.io.hashing import hash_settings
+from soupbench.io.reuse import reusable_meta
+from soupbench.io.weights import load_verified
 from soupbench.names import nfc
 from soupbench.rowfile import in_memory
 from soupbench.sharding import built_by_every_rank, sharded_accuracy

@@ -15,7 +15,8 @@ from soupbench.batches import batch_bounds
 from soupbench.distributed import resolve_ranks
 from soupbench.errors import ConfigError
 from soupbench.guards import divergence_warning, require_finite_losses, require_finite_tensors, setting
-from soupbench.io import hash_settings, to_device
+from soupbench.io.hashing import hash_settings
+from soupbench.io.weights import to_device
 from soupbench.rowfile import in_memory
 from soupbench.runtime import lr_schedule
 from soupbench.soups.context import SoupContext, SoupResult

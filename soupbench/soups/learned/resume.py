@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from soupbench.io import load_weights, reusable_meta, save_weights, write_json
+from soupbench.io.atomic import save_weights, write_json
+from soupbench.io.reuse import reusable_meta
+from soupbench.io.weights import load_weights
 from soupbench.soups.context import SoupContext
 
 
