@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 def _setup(images: int, batch: int, weights: int, store: Path):
     from soupbench.backbones.efficientnet_lite import create
     from soupbench.data import DataBundle, Split
-    from soupbench.evaluate import Evaluator
+    from soupbench.evaluator import Evaluator
     from soupbench.io.hashing import fingerprint
 
     cpu = torch.device("cpu")

@@ -28,7 +28,6 @@ from torch import nn
 from soupbench.backbones import Classifier
 from soupbench.data import DataBundle, Split
 from soupbench.evaluate import (
-    Evaluator,
     correct,
     correct_by_rows,
     ensemble_correct,
@@ -37,6 +36,7 @@ from soupbench.evaluate import (
     predict_chunks,
     split_scores,
 )
+from soupbench.evaluator import Evaluator
 from soupbench.io.atomic import save_weights
 from soupbench.io.weights import load_weights
 from soupbench.rowfile import MappedRows, write_rows

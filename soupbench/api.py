@@ -85,8 +85,8 @@ def heldout_tensors(heldout: HeldoutLike) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _state_of(item: IngredientLike, template: Mapping[str, torch.Tensor], key_map: Mapping[str, str] | None,
               ema: bool, name: str) -> dict[str, torch.Tensor]:
-    from soupbench.checkpoints import match_state
     from soupbench.importers import read_weights
+    from soupbench.key_matching import match_state
 
     if isinstance(item, str | Path):
         return read_weights(Path(item), template, None, "auto", ema, key_map, optional_head=False)[0]

@@ -1,13 +1,12 @@
-"""LP-FT: fit a linear head on frozen features once (the linear probe), then fine-tune the whole network
-from that shared start with each hyperparameter configuration (the ingredients)."""
+"""Fine-tuning one ingredient (the FT of LP-FT): the whole network from the shared start (the linear probe,
+soupbench.linear_probe) with one hyperparameter configuration (soupbench.search_space), resumable from its
+checkpoint, on every rank of a torch.distributed job (DDP)."""
 
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
 import math
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,167 +15,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from soupbench import faults
 from soupbench.backbones import Classifier, has_batchnorm, set_batchnorm_eval
-from soupbench.batches import batch_bounds, num_batches
+from soupbench.batches import num_batches
 from soupbench.data import Split
-from soupbench.data.streaming import TrainImages, epoch_loader, eval_transform, train_transform
-from soupbench.distributed import SINGLE, World, barrier
+from soupbench.data.streaming import TrainImages, epoch_loader, train_transform
+from soupbench.distributed import World, barrier
 from soupbench.errors import ConfigError, DataError, DivergedError
-from soupbench.guards import divergence_warning, require_finite_losses, require_finite_tensors, setting
+from soupbench.guards import divergence_warning, require_finite_tensors, setting
 from soupbench.io.atomic import save_torch
-from soupbench.io.hashing import hash_settings
 from soupbench.runtime import autocast, cosine_with_warmup, progress_bar
-from soupbench.settings.choices import Augment, Distribution, ProbeInit, Search
-from soupbench.sharding import fold_share, sharded_rows
+from soupbench.settings.choices import Augment
 
 log = logging.getLogger("soupbench")
-
-# ---------------------------------------------------------------------------------------------- search space
-
-
-def _draw(spec: Any, rng: random.Random, name: str) -> Any:
-    if isinstance(spec, list | tuple):
-        return rng.choice(list(spec))
-    if isinstance(spec, Mapping) and len(spec) == 1:
-        (kind, bounds), = spec.items()
-        lo, hi = bounds
-        if kind == Distribution.LOG_UNIFORM:
-            return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-        if kind == Distribution.UNIFORM:
-            return rng.uniform(lo, hi)
-        if kind == Distribution.INT_UNIFORM:
-            return rng.randint(int(lo), int(hi))
-        if kind == Distribution.UNIFORM_OR_ZERO:  # the model-soups search: label smoothing and mixup in half the runs
-            return rng.uniform(lo, hi) if rng.random() < 0.5 else 0.0
-        if kind == Distribution.RAND_AUGMENT:     # [max magnitude, max layers]: RandAugment in half the runs
-            return f"rand-m{rng.randint(1, int(lo))}-n{rng.randint(0, int(hi))}" if rng.random() < 0.5 else "none"
-    raise ConfigError(f"finetune.space.{name}: expected a list or one of {{log_uniform|uniform|int_uniform|"
-                      f"uniform_or_zero|rand_augment: [low, high]}}, got {spec!r}")
-
-
-def hyperparameter_configs(search: str, space: Mapping[str, Any], num_ingredients: int | None,
-                           search_seed: int) -> list[dict[str, Any]]:
-    """The ingredients' hyperparameters. Random search draws config i from its own seeded generator, so
-    raising num_ingredients keeps the first ones (and their finished checkpoints) unchanged."""
-    names = sorted(space)
-    if search == Search.GRID:
-        for n in names:
-            if not isinstance(space[n], list | tuple):
-                raise ConfigError(f"finetune.space.{n}: a grid search needs a list of values")
-        configs = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(space[n] for n in names))]
-        return configs[:num_ingredients] if num_ingredients else configs
-    if search == Search.RANDOM:
-        if not num_ingredients:
-            raise ConfigError("finetune.num_ingredients must be set for a random search")
-        return [{n: _draw(space[n], random.Random(f"{search_seed}-{i}-{n}"), n) for n in names}
-                for i in range(num_ingredients)]
-    raise ConfigError(f"finetune.search={search!r}: expected 'grid' or 'random'")
-
-
-# ---------------------------------------------------------------------------------------------- linear probe
-
-
-@torch.no_grad()
-def probe_features(model: Classifier, train: Split, image_size: int, batch_size: int, device: torch.device,
-                   workers: int = 0, progress: bool = False, precision: str = "auto", world: World = SINGLE
-                   ) -> torch.Tensor:
-    """The frozen encoder's features of every training image in one streaming pass, fp16 (N, D) on the CPU:
-    1.28 M ImageNet images x 512 (ViT-B/32) are 1.3 GB, and the images are never all in memory. Under
-    torch.distributed each rank encodes its `fold_share` of one process's batches (every rank builds the same
-    encoder) and every rank gets all N rows, equal to one process's bit for bit (`sharding.sharded_rows`)."""
-    model.eval()
-    empty = torch.empty(0, model.feature_dim, dtype=torch.float16)
-    return sharded_rows(world, len(train), batch_size, lambda rows: _features(
-        model, train, rows, image_size, batch_size, device, workers, progress and world.main, precision), empty,
-        fold_share, device)
-
-
-def _features(model: Classifier, train: Split, rows: slice, image_size: int, batch_size: int, device: torch.device,
-              workers: int, progress: bool, precision: str) -> torch.Tensor:
-    """Features of images `rows` (whole batches of `batch_bounds`), batch by batch as one process cuts them."""
-    batches = [list(range(a, b)) for a, b in batch_bounds(len(train), batch_size) if rows.start <= a < rows.stop]
-    out = torch.empty(sum(map(len, batches)), model.feature_dim, dtype=torch.float16)
-    if not batches:
-        return out
-    # a generator of its own, as epoch_loader's: a loader without one draws its seed from torch's global RNG
-    loader = DataLoader(TrainImages(train, eval_transform(image_size), seed=0), batch_sampler=batches,
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))
-    i = 0
-    for x, _ in progress_bar(loader, "LP features", progress):
-        with autocast(device, precision, "finetune.precision"):
-            f = model.features(x.to(device, non_blocking=True))
-        out[i:i + len(f)].copy_(f.to(torch.float16), non_blocking=True)
-        i += len(f)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out
-
-
-def linear_probe(model: Classifier, train: Split, max_iter: int, weight_decay: float, batch_size: int,
-                 device: torch.device, progress: bool = False, init: str = "zeros", image_size: int | None = None,
-                 workers: int = 0, precision: str = "auto", world: World = SINGLE) -> dict[str, float]:
-    """Fit `model.head` by L2-regularised logistic regression (full-batch L-BFGS) on frozen features.
-
-    `init`: `zeros`, or `backbone` to start from the head the backbone built (CLIP's zero-shot head).
-    max_iter=0 keeps the backbone's head as it is (no features are computed). Under torch.distributed the
-    features are computed over the ranks (`probe_features`) and rank 0 alone fits the head, on the same rows as
-    one process; every rank gets its statistics, and the caller sends rank 0's weights to the others."""
-    if init not in (ProbeInit.ZEROS, ProbeInit.BACKBONE):
-        raise ConfigError(f"finetune.linear_probe.init={init!r}: expected zeros or backbone")
-    model.eval()
-    if max_iter == 0:
-        if init == ProbeInit.ZEROS:
-            raise ConfigError("finetune.linear_probe.max_iter=0 keeps the backbone's head: set "
-                              "finetune.linear_probe.init=backbone (e.g. CLIP's zero-shot head)")
-        return {"lp_skipped": True}
-    if len(train) == 0:
-        raise ConfigError("the linear probe needs training images but the dataset has none (dataset.num_train=0?): "
-                          "set finetune.linear_probe.max_iter=0 and init=backbone to start from the backbone's head")
-    size = image_size or int(train.images.shape[-1])
-    # held in a list the fit empties: the fp16 rows are freed once they are on the device as fp32
-    feats = [probe_features(model, train, size, batch_size, device, workers, progress, precision, world)]
-    return world.on_first(lambda: _fit_head(model.head, feats.pop().to(device).float(), train.labels.to(device),
-                                            max_iter, weight_decay, init))
-
-
-def _fit_head(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor, max_iter: int, weight_decay: float,
-              init: str) -> dict[str, Any]:
-    """The L-BFGS fit of `head` on `feats`, in place; its training loss, accuracy and warnings."""
-    if init == ProbeInit.ZEROS:
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(head(feats), labels) + 0.5 * weight_decay * head.weight.square().sum()
-        loss.backward()
-        return loss
-
-    knob = (f"{setting('finetune.linear_probe.weight_decay', float(weight_decay))}, "
-            f"{setting('finetune.linear_probe.max_iter', max_iter)}")
-    with torch.no_grad():
-        start_loss = F.cross_entropy(head(feats), labels).item()
-    require_finite_tensors({"features": feats}, "the frozen encoder's", knob,
-                           "the backbone's weights or the images are broken (check backbone.weights)")
-    opt.step(closure)
-    with torch.no_grad():
-        logits = head(feats)
-        loss = F.cross_entropy(logits, labels).item()
-        acc = 100.0 * (logits.argmax(1) == labels).float().mean().item()
-    require_finite_losses([loss], "L-BFGS loss", "the linear probe", knob,
-                          "raise finetune.linear_probe.weight_decay or lower max_iter")
-    require_finite_tensors(dict(head.named_parameters()), "linear-probe head tensor", knob,
-                           "raise finetune.linear_probe.weight_decay or lower max_iter")
-    out = {"lp_train_loss": loss, "lp_train_acc": acc}
-    if (warning := divergence_warning(start_loss, loss, "training loss", "the linear probe", knob)):
-        out["warnings"] = [warning]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
@@ -369,8 +221,4 @@ def _resume(path: Path, model: Classifier, opt: torch.optim.Optimizer, sched: An
     return (int(state["step"]), torch.tensor(state["tail_sum"], device=device), int(state["tail_n"]),
             state.get("first_loss"))
 
-
-def ingredient_id(index: int, hp: Mapping[str, Any], seed: int, fixed: Mapping[str, Any]) -> str:
-    """Readable, stable id: the config's index and a hash of everything that shapes the ingredient."""
-    return f"ft{index:03d}-{hash_settings({'hp': dict(hp), 'seed': seed, 'fixed': dict(fixed)})[:8]}"
 

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from soupbench.backbones.source_keys import SourceKeys
-from soupbench.checkpoints import match_state, read_checkpoint
+from soupbench.checkpoints import read_checkpoint
 from soupbench.errors import CheckpointError
 from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
 from soupbench.io.hashing import fingerprint, hash_settings
 from soupbench.io.weights import require_finite
+from soupbench.key_matching import match_state
 
 log = logging.getLogger("soupbench")
 

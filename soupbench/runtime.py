@@ -17,8 +17,19 @@ import torch
 from tqdm.auto import tqdm
 
 from soupbench.errors import ConfigError
-from soupbench.settings.check import check_device
 from soupbench.settings.choices import Device, MemoryFormat, Precision, values
+
+
+def check_device(name: str) -> None:
+    """A CUDA device must exist where the work runs (checked in a sweep's jobs, not on its login node)."""
+    if not name.startswith(Device.CUDA):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: no CUDA device is available (torch.cuda.is_available() is False); "
+                          "use device=cpu or auto")
+    index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(f"device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,7 +31,8 @@ import torch.distributed as dist
 from soupbench.batches import batch_bounds
 from soupbench.distributed import World, require_together
 from soupbench.errors import RankFailed
-from soupbench.evaluate import Evaluator, percent
+from soupbench.evaluate import percent
+from soupbench.evaluator import Evaluator
 
 log = logging.getLogger("soupbench")
 Weights = Iterable[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]]    # (fingerprint, load) pairs

@@ -12,9 +12,10 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from soupbench.backbones import recalibrate_batchnorm
 from soupbench.data import DataBundle
-from soupbench.evaluate import Evaluator
-from soupbench.finetune import TrainSettings, finetune, linear_probe, probe_features
+from soupbench.evaluator import Evaluator
+from soupbench.finetune import TrainSettings, finetune
 from soupbench.io.weights import load_weights, to_device
+from soupbench.linear_probe import linear_probe, probe_features
 from soupbench.runtime import like_model, set_memory_format
 from soupbench.soups import greedy, learned
 from soupbench.soups.averaging import average, stream_states

@@ -7,7 +7,7 @@ import torch
 
 from soupbench.data import DataBundle
 from soupbench.errors import ConfigError
-from soupbench.evaluate import Evaluator
+from soupbench.evaluator import Evaluator
 from tests.helpers import random_split, tiny_model
 
 

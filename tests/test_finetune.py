@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from soupbench.errors import ConfigError
-from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, linear_probe
+from soupbench.finetune import TrainSettings, finetune
+from soupbench.linear_probe import linear_probe
+from soupbench.search_space import hyperparameter_configs
 from tests.helpers import random_split, tiny_model
 
 SPACE = {"lr": {"log_uniform": [1e-4, 1e-2]}, "epochs": [1, 2], "augment": ["none", "crop"]}

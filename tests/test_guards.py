@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from soupbench.errors import DivergedError
-from soupbench.finetune import TrainSettings, finetune, linear_probe
+from soupbench.finetune import TrainSettings, finetune
 from soupbench.guards import DIVERGENCE_FACTOR, divergence_warning
 from soupbench.io.atomic import read_json
+from soupbench.linear_probe import linear_probe
 from soupbench.soups import wise_ft
 from soupbench.soups.context import SoupResult
 from tests.helpers import compose_cfg, copy_of_run, learned_soup, make_store, random_split, soup_context, tiny_model

@@ -105,9 +105,10 @@ def test_released_checkpoints_import_and_soup_on_imagenet_and_its_shifts(imagene
 
 def test_checkpoints_of_another_shape_or_not_checkpoints_are_named(clip_test_model, tmp_path):
     from soupbench.backbones.source_keys import CLIP_TEXT_TOWER, SourceKeys
-    from soupbench.checkpoints import match_state, source_files
+    from soupbench.checkpoints import source_files
     from soupbench.errors import ConfigError
     from soupbench.importers import import_files
+    from soupbench.key_matching import match_state
 
     source = SourceKeys("open_clip", clip_test_model, ("classification_head",), CLIP_TEXT_TOWER)
     template = {"encoder.visual.conv1.weight": torch.zeros(64, 3, 8, 8), "head.weight": torch.zeros(1000, 32),

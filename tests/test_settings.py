@@ -17,9 +17,10 @@ import torch
 
 import soupbench
 from soupbench.errors import ConfigError, report_errors
+from soupbench.runtime import check_device
 from soupbench.settings import base
 from soupbench.settings.base import TARGET, Axis, Settings, What, keys
-from soupbench.settings.check import check_device, check_settings, config_problems, plain, sections
+from soupbench.settings.check import check_settings, config_problems, plain, sections
 from soupbench.soups import registry
 from tests.helpers import compose_cfg
 

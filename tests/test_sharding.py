@@ -13,10 +13,10 @@ from soupbench.batches import batch_bounds
 from soupbench.data import DataBundle, Split
 from soupbench.distributed import World
 from soupbench.errors import RankFailed
-from soupbench.evaluate import Evaluator
-from soupbench.finetune import linear_probe, probe_features
+from soupbench.evaluator import Evaluator
 from soupbench.importers import import_files, import_steps
 from soupbench.io.hashing import fingerprint
+from soupbench.linear_probe import linear_probe, probe_features
 from soupbench.rowfile import MappedRows, write_rows
 from soupbench.sharding import (
     batch_share,

@@ -10,9 +10,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from soupbench.errors import ConfigError
+from soupbench.runtime import check_device
 from soupbench.settings import backbone, dataset, logger
 from soupbench.settings.base import Settings, problems, show
-from soupbench.settings.choices import Device
 from soupbench.settings.finetune import Finetune
 from soupbench.settings.run import GROUPS, Run
 
@@ -30,20 +30,6 @@ def check_settings(cfg: DictConfig | Mapping[str, Any]) -> None:
     if found:
         also = f" (also: {', '.join(p.split('=', 1)[0] for p in found[1:])})" if len(found) > 1 else ""
         raise ConfigError(found[0] + also)
-
-
-def check_device(name: str) -> None:
-    """A CUDA device must exist where the work runs (checked in a sweep's jobs, not on its login node)."""
-    if not name.startswith(Device.CUDA):
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: no CUDA device is available (torch.cuda.is_available() is False); "
-                          "use device=cpu or auto")
-    index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
-    if index >= count:
-        raise ConfigError(f"device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def config_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:

@@ -15,12 +15,13 @@ from soupbench.backbones import host_state
 from soupbench.data import Split
 from soupbench.distributed import barrier
 from soupbench.errors import ConfigError
-from soupbench.finetune import TrainSettings, finetune, hyperparameter_configs, ingredient_id
+from soupbench.finetune import TrainSettings, finetune
 from soupbench.ingredients import Ingredient, save_ingredient
 from soupbench.io.atomic import read_json
 from soupbench.io.hashing import fingerprint
 from soupbench.io.locks import file_lock
 from soupbench.io.reuse import reusable_meta
+from soupbench.search_space import hyperparameter_configs, ingredient_id
 from soupbench.sharding import score_missing
 from soupbench.stages.scores import on_this_data
 from soupbench.stages.setup import Setup, container

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import torch
 
-from soupbench.evaluate import Evaluator, accuracy
+from soupbench.evaluate import accuracy
+from soupbench.evaluator import Evaluator
 from soupbench.ingredients import Ingredient
 from soupbench.rowfile import MappedRows, in_memory
 from soupbench.stages.setup import Setup

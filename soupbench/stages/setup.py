@@ -19,7 +19,7 @@ from soupbench.backbones.depthwise_grad import set_depthwise_grad
 from soupbench.data import DataBundle
 from soupbench.distributed import World
 from soupbench.errors import ConfigError, SoupbenchError
-from soupbench.evaluate import Evaluator
+from soupbench.evaluator import Evaluator
 from soupbench.io.hashing import hash_settings
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format

@@ -15,12 +15,12 @@ import torch
 from soupbench import faults
 from soupbench.backbones import host_state
 from soupbench.errors import CheckpointError
-from soupbench.finetune import linear_probe
 from soupbench.io.atomic import save_weights, write_json
 from soupbench.io.hashing import fingerprint, hash_settings
 from soupbench.io.locks import file_lock
 from soupbench.io.reuse import reusable_meta
 from soupbench.io.weights import load_verified
+from soupbench.linear_probe import linear_probe
 from soupbench.sharding import score_missing, state_to_all
 from soupbench.stages.setup import Setup, container
 

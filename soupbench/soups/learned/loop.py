@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+import soupbench.soups.learned.resume as resume
 from soupbench import faults
 from soupbench.batches import batch_bounds
 from soupbench.distributed import resolve_ranks
@@ -20,7 +21,6 @@ from soupbench.io.weights import to_device
 from soupbench.rowfile import in_memory
 from soupbench.runtime import lr_schedule
 from soupbench.soups.context import SoupContext, SoupResult
-from soupbench.soups.learned import resume
 from soupbench.soups.learned.blocks import (
     block_order,
     block_tensors,
