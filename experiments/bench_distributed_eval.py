@@ -139,7 +139,7 @@ def _greedy(ev, states, group, sharded: bool, directory: Path):
     else:
         acc = lambda s: ev.accuracy(s, "heldout", cache=False)                  # noqa: E731
         scores = lambda g, split: ev.scores(g.load(), split, g.fingerprint)     # noqa: E731
-    ctx = SoupContext(ingredients=ingredients, base=states[0][1], heldout=ev.splits["heldout"], model=ev.model,
+    ctx = SoupContext(ingredients=ingredients, start=states[0][1], heldout=ev.splits["heldout"], model=ev.model,
                       device=ev.device, work_dir=directory / "work", heldout_accuracy=acc, ingredient_scores=scores)
     t0 = time.perf_counter()
     result = greedy.build(ctx)

@@ -235,7 +235,7 @@ def bench_greedy(args, model, ings, pts, heldout, loader) -> dict:
     for g in ings:                                     # individual held-out accuracies rank the ingredients
         g.meta["heldout_acc"] = heldout_acc(load_weights(g.path, dev))
     t_individual = time.perf_counter() - t0
-    ctx = SoupContext(ingredients=ings, base={}, heldout=heldout, model=model, device=dev,
+    ctx = SoupContext(ingredients=ings, start={}, heldout=heldout, model=model, device=dev,
                       work_dir=args.workdir / "work", heldout_accuracy=heldout_acc,
                       ingredient_scores=lambda g, s: None)
     result, t_greedy = timed(lambda: greedy.build(ctx), dev)
@@ -325,7 +325,7 @@ def bench_mehl_protocol(args, model, ings, heldout) -> dict:
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)
-    ctx = SoupContext(ingredients=ings, base={}, heldout=heldout, model=model, device=dev, work_dir=work,
+    ctx = SoupContext(ingredients=ings, start={}, heldout=heldout, model=model, device=dev, work_dir=work,
                       heldout_accuracy=lambda s: 0.0, ingredient_scores=lambda g, s: None)
     _, t = timed(lambda: learned.build(ctx, parameterisation="affine", granularity="layer", block_size=args.block,
                                        shuffle_models=True, normalize_directions=True, epochs=args.mehl_epochs,

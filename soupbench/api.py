@@ -149,7 +149,7 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
     x, y = heldout_tensors(heldout)
     x_dev, y_dev = (x.to(dev), y.to(dev)) if dev.type == "cuda" else (x, y)
     split = Split("heldout", x_dev, y_dev, model_inputs=True)
-    base = template if start is None else _state_of(start, template, key_map, ema, "start")
+    theta0 = template if start is None else _state_of(start, template, key_map, ema, "start")
     scores: dict[str, torch.Tensor] = {}
 
     def score(state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -171,8 +171,8 @@ def soup(method: str, ingredients: Sequence[IngredientLike] | str, model: nn.Mod
             del state
         problem = None
         if m.needs_start(kwargs) and start is None:
-            problem = _start_problem(staged, base, model, start_check_ratio)
-        ctx = SoupContext(ingredients=staged, base=base, heldout=split, model=net, device=dev,
+            problem = _start_problem(staged, theta0, model, start_check_ratio)
+        ctx = SoupContext(ingredients=staged, start=theta0, heldout=split, model=net, device=dev,
                           work_dir=store / "work" / method,
                           heldout_accuracy=lambda s: selection(score(s)),
                           ingredient_scores=lambda g, _split: scores[g.id], progress=progress,
@@ -207,13 +207,13 @@ def bn_images(data: BNDataLike, limit: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _start_problem(staged: list[Ingredient], base: Mapping[str, torch.Tensor], model: nn.Module,
+def _start_problem(staged: list[Ingredient], theta0: Mapping[str, torch.Tensor], model: nn.Module,
                    ratio: float | None) -> str | None:
     """Why the template's weights are not the ingredients' start (the measured start check), or None."""
     from soupbench.start_check import check_start, rounding_tolerance
 
     bound = ratio if ratio is not None else _config_default("ingredients")["start_check_ratio"]
-    check = check_start(staged, base, float(bound), [n for n, _ in model.named_parameters()],
+    check = check_start(staged, theta0, float(bound), [n for n, _ in model.named_parameters()],
                         rounding_tolerance(staged))
     if check["passed"]:
         return None

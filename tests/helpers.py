@@ -65,7 +65,7 @@ def make_store(directory: Path, k: int, scale: float = 0.05, seed: int = 0, mode
 def soup_context(model, ingredients, heldout, tmp_path):
     """A SoupContext on the CPU whose held-out accuracy and logits come straight from `model` (no cache)."""
     return SoupContext(
-        ingredients=ingredients, base=model.state_dict(), heldout=heldout, model=model,
+        ingredients=ingredients, start=model.state_dict(), heldout=heldout, model=model,
         device=CPU, work_dir=tmp_path / "work",
         heldout_accuracy=lambda s: accuracy(predict(model, heldout.images, 32, CPU, s), heldout),
         ingredient_scores=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()))

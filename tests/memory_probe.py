@@ -52,7 +52,7 @@ def main(directory: str, k: int, b: int, mode: str) -> None:
     heldout = Split("heldout", torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=g),
                     torch.randint(0, 3, (32,), generator=g))
     if mode == "soup":
-        ctx = SoupContext(ingredients=ings, base=base, heldout=heldout, model=m,
+        ctx = SoupContext(ingredients=ings, start=base, heldout=heldout, model=m,
                           device=torch.device("cpu"), work_dir=d / f"work-{k}-{b}", heldout_accuracy=lambda s: 0.0,
                           ingredient_scores=lambda g, s: None)
         learned.build(ctx, parameterisation="affine", granularity="layer", block_size=b, shuffle_models=True,

@@ -186,7 +186,7 @@ def test_evaluator_reads_mapped_images_through_pinned_memory(resident, monkeypat
 def cuda_context(fc, model, ingredients, heldout, tmp_path, resident="heldout") -> SoupContext:
     data = DataBundle(["a", "b", "c"], heldout, heldout, heldout)
     ev = Evaluator(model, data, None, "k", 16, CUDA, images_on_device=resident)
-    return SoupContext(ingredients=ingredients, base=tiny_model().state_dict(), heldout=heldout, model=model,
+    return SoupContext(ingredients=ingredients, start=tiny_model().state_dict(), heldout=heldout, model=model,
                        device=CUDA, work_dir=tmp_path / "work",
                        heldout_accuracy=lambda s: ev.accuracy(s, "heldout", cache=False),
                        ingredient_scores=lambda g, split: None, heldout_images=ev.images("heldout"))

@@ -113,7 +113,7 @@ def test_affine_extrapolates_where_the_optimum_lies_outside(tmp_path):
         ings.append(save_ingredient(tmp_path, f"g{i}", s, {"fingerprint": fingerprint(s), "base_fingerprint": bf,
                                                             "heldout_acc": 50.0 + i}))
     ctx = soup_context(model, ings, heldout, tmp_path)
-    ctx.base = start
+    ctx.start = start
     kw = dict(SETTINGS, epochs=30, lr=0.2)
     hl = learned_soup(ctx, "affine", "model", None, centre="base", normalize_directions=False, **kw)
     ls = learned_soup(ctx, "simplex", "model", None, **kw)
@@ -274,7 +274,7 @@ def test_effective_weights_rebuild_the_soup(tmp_path, kw):
     eff, e0 = torch.tensor(res.info["coefficients"], dtype=torch.float64), res.info["start_weight"]
     states = [g.load() for g in ings]
     for j, n in enumerate(res.info["layers"]):
-        ref = sum(eff[i, j] * states[i][n].double() for i in range(len(ings))) + e0[j] * ctx.base[n].double()
+        ref = sum(eff[i, j] * states[i][n].double() for i in range(len(ings))) + e0[j] * ctx.start[n].double()
         torch.testing.assert_close(res.state[n].double(), ref, rtol=1e-4, atol=1e-5)
     passes = kw.get("num_passes", 1)
     assert res.info["num_blocks"] == passes * -(-len(ings) // (kw["block_size"] or len(ings)))

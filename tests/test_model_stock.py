@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 
 def ctx_for(base, ingredients, tmp_path):
-    return SoupContext(ingredients=ingredients, base=base, heldout=None, model=None, device=CPU,
+    return SoupContext(ingredients=ingredients, start=base, heldout=None, model=None, device=CPU,
                        work_dir=tmp_path / "work", heldout_accuracy=None, ingredient_scores=None)
 
 

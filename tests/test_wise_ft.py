@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 def context(model, base, ingredients, heldout, tmp_path, earlier=None):
     acc = lambda s: accuracy(predict(model, heldout.images, 32, CPU, s), heldout)  # noqa: E731
     kw = {"earlier_soup": earlier} if earlier else {}
-    return SoupContext(ingredients=ingredients, base=base, heldout=heldout, model=model, device=CPU,
+    return SoupContext(ingredients=ingredients, start=base, heldout=heldout, model=model, device=CPU,
                        work_dir=tmp_path / "work", heldout_accuracy=acc,
                        ingredient_scores=lambda g, split: predict(model, heldout.images, 32, CPU, g.load()), **kw)
 

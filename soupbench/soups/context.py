@@ -27,7 +27,7 @@ class SoupContext:
     """What every soup method may use. Selection uses only the held-out split."""
 
     ingredients: list[Ingredient]
-    base: dict[str, torch.Tensor]          # the shared start (LP weights), CPU
+    start: dict[str, torch.Tensor]         # θ0, the shared start (the linear probe's weights), CPU
     heldout: Split
     model: torch.nn.Module                 # template network, on `device`
     device: torch.device
@@ -42,7 +42,7 @@ class SoupContext:
     # the pipeline records which ones a soup used and rebuilds it when they change
     earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups
     name: str = "soup"                     # the method's name in soup=[...]: messages name its settings soup.<name>.*
-    # why `base` is not the start the ingredients were fine-tuned from (None: it is, or nothing says otherwise)
+    # why `start` is not the weights the ingredients were fine-tuned from (None: it is, or nothing says otherwise)
     start_problem: str | None = None
     # the held-out selection score of a method's candidates, (scores (N, C), labels (N,)) -> higher is better;
     # None: top-1 accuracy in percent
@@ -55,7 +55,7 @@ class SoupContext:
             from soupbench.errors import ConfigError
 
             raise ConfigError(f"{setting} builds on the start θ0, but {self.start_problem}")
-        return self.base
+        return self.start
 
     def heldout_score(self, scores: torch.Tensor) -> float:
         """The selection score of held-out scores (`metric`, top-1 accuracy in percent by default)."""

@@ -69,7 +69,7 @@ def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:
     if form == "paper" and len(ingredients) < 2:
         raise ConfigError("soup.model_stock.form=paper merges two fine-tuned models: "
                           f"{len(ingredients)} ingredient(s) given")
-    base = ctx.start_weights("soup.model_stock")
+    theta0 = ctx.start_weights("soup.model_stock")
     k = len(ingredients)
     total: dict[str, torch.Tensor] = {}          # Σ θ_i
     unit_sum: dict[str, torch.Tensor] = {}       # Σ τ_i / ||τ_i|| over the non-zero τ_i
@@ -81,7 +81,7 @@ def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:
             if not is_averaged(v):
                 continue
             v64 = v.double()
-            tau = v64 - base[name].double()
+            tau = v64 - theta0[name].double()
             norm = torch.linalg.vector_norm(tau)
             if name not in total:
                 total[name], unit_sum[name], nonzero[name] = v64.clone(), torch.zeros_like(v64), 0
@@ -117,7 +117,7 @@ def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:
                 cos = min(max(cos, 0.0), 1.0)
                 t = interpolation_ratio(cos, k)
         avg = total[name] / k
-        soup[name] = (t * avg + (1.0 - t) * base[name].double()).to(v.dtype)
+        soup[name] = (t * avg + (1.0 - t) * theta0[name].double()).to(v.dtype)
         per_tensor[name] = {"cos": cos, "t": t}
     ts = [p["t"] for p in per_tensor.values()]
     negative = [n for n, p in per_tensor.items() if p["t"] < 0]

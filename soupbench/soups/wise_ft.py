@@ -84,7 +84,7 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
         raise ConfigError(f"soup.wise_ft.alphas={alphas}: expected a non-empty list of values in [0, 1]")
     if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
         raise ConfigError(f"soup.wise_ft.alpha={alpha}: expected null (chosen on held-out) or a value in [0, 1]")
-    base = ctx.start_weights("soup.wise_ft")
+    theta0 = ctx.start_weights("soup.wise_ft")
     target_logits = None
     if target == "best_individual":
         best = sort_by_heldout(ctx.ingredients)[0]
@@ -96,19 +96,19 @@ def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[fl
     # a target or start that is not finite makes every point of the grid NaN (its accuracy is still a number)
     require_finite_tensors(theta, f"the target's ({target}) tensor", setting("soup.wise_ft.target", target),
                            "nothing saved; rebuild or change the target soup")
-    require_finite_tensors(base, "the start's tensor", "soup.wise_ft", "nothing saved; the linear probe is broken")
+    require_finite_tensors(theta0, "the start's tensor", "soup.wise_ft", "nothing saved; the linear probe is broken")
     scores = []
     grid = alphas if alpha is None else [float(alpha)]          # a fixed α: one held-out pass, for the record
     for a in tqdm(grid, desc="wise-ft alphas", disable=not ctx.progress, leave=False):
         if a == 1.0 and target_logits is not None:
             acc = ctx.heldout_score(target_logits)
         else:
-            acc = ctx.heldout_accuracy(interpolate(base, theta, a))
+            acc = ctx.heldout_accuracy(interpolate(theta0, theta, a))
         scores.append({"alpha": a, "heldout_acc": acc})
     require_finite_losses([s["heldout_acc"] for s in scores], "held-out accuracy", "the alpha grid",
                           setting("soup.wise_ft.alphas", alphas), "nothing saved")
     chosen = max(scores, key=lambda s: (s["heldout_acc"], -s["alpha"]))
-    return SoupResult(members, interpolate(base, theta, chosen["alpha"]),
+    return SoupResult(members, interpolate(theta0, theta, chosen["alpha"]),
                       {"target": target, "alpha": chosen["alpha"], "heldout_acc": chosen["heldout_acc"],
                        "alpha_from": "heldout" if alpha is None else "fixed", "heldout_by_alpha": scores,
                        "curve_alphas": alphas if curve else []})

@@ -90,7 +90,7 @@ def make_soup(s: Setup, start: Start, start_problem: str | None, name: str, scfg
     world, evaluator = s.world, s.evaluator
     used: dict[str, str] = {}
     ctx = SoupContext(
-        ingredients=ingredients, base=start.weights, start_problem=start_problem, heldout=s.data.heldout,
+        ingredients=ingredients, start=start.weights, start_problem=start_problem, heldout=s.data.heldout,
         model=s.model, device=s.device, work_dir=s.layout.soup_work_dir(name),
         heldout_accuracy=partial(sharded_accuracy, world, evaluator, "heldout") if everywhere else
         lambda w: evaluator.accuracy(w, "heldout", cache=False),

@@ -117,7 +117,7 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
             ref = None                               # first_block_mean
         centre_state, buffers, directions, norms = block_tensors(states, names, parameterisation, ref,
                                                                  normalize_directions, groups, ranks, len(block),
-                                                                 ctx.base, dev)
+                                                                 ctx.start, dev)
         del states
         num_p = (len(block), num_groups) if granularity == "layer" else (len(block),)
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
@@ -171,7 +171,7 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
             faults.point(f"soup.{ctx.name}.block")
         bar.update()
     bar.close()
-    ordered = {k: soup[k] for k in ctx.base}      # the base's key order and every key, buffers included
+    ordered = {k: soup[k] for k in ctx.start}      # the start's key order and every key, buffers included
     return SoupResult([g.id for g in ctx.ingredients], ordered, {
         "settings": settings, "layers": names, "groups": groups,
         "coefficients": eff_models.tolist(), "start_weight": eff_base.tolist(),
