@@ -10,6 +10,7 @@ weights scored from the store agree; fp16 can only create ties between top score
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -134,12 +135,16 @@ def accuracy(scores: torch.Tensor, split: Split) -> float:
     return percent(correct(scores, split))
 
 
-ENSEMBLE_COMBINE = ("logits", "probs")
+class Combine(enum.StrEnum):
+    """How an output ensemble combines its members."""
+
+    LOGITS = "logits"       # mean of the members' logits (the official model-soups ensemble)
+    PROBS = "probs"         # mean of their softmax probabilities
 
 
 def ensemble_term(scores: torch.Tensor, combine: str) -> torch.Tensor:
     """What one member adds to the ensemble's running sum: its scores (`logits`) or their softmax (`probs`)."""
-    return F.softmax(scores.float(), dim=1) if combine == "probs" else scores.float()
+    return F.softmax(scores.float(), dim=1) if combine == Combine.PROBS else scores.float()
 
 
 def ensemble_scores(member_scores: Iterable[torch.Tensor], combine: str = "logits") -> torch.Tensor:
@@ -147,8 +152,8 @@ def ensemble_scores(member_scores: Iterable[torch.Tensor], combine: str = "logit
     `logits`: the mean of the members' scores, as the official model-soups code ensembles (its cached logits,
     projected to the split's classes, averaged); `probs`: the log of the mean of their softmax over the split's
     scores (the usual probability ensemble; on ImageNet-R/-A/ObjectNet over the split's own classes)."""
-    if combine not in ENSEMBLE_COMBINE:
-        raise ConfigError(f"ensemble combine={combine!r}: expected one of {ENSEMBLE_COMBINE}")
+    if combine not in tuple(Combine):
+        raise ConfigError(f"ensemble combine={combine!r}: expected one of {[c.value for c in Combine]}")
     total, n = None, 0
     for x in member_scores:
         x = ensemble_term(x, combine)
@@ -157,7 +162,7 @@ def ensemble_scores(member_scores: Iterable[torch.Tensor], combine: str = "logit
     if total is None:
         raise ValueError("ensemble_scores: no members")
     total.div_(n)
-    return total.clamp_min(1e-12).log() if combine == "probs" else total
+    return total.clamp_min(1e-12).log() if combine == Combine.PROBS else total
 
 
 def correct_by_rows(scores: torch.Tensor | MappedRows, split: Split, rows: int = FLUSH_ROWS) -> torch.Tensor:

@@ -14,13 +14,14 @@ from soupbench import distributed, faults, tracking
 from soupbench.errors import SoupbenchError
 from soupbench.io.locks import file_lock
 from soupbench.settings.check import validate
-from soupbench.stages.evaluate import evaluate_stage, paper_figures  # noqa: F401 - paper_figures: where tests find it
+from soupbench.settings.choices import Stage
+from soupbench.stages.evaluate import evaluate_stage
 from soupbench.stages.finetune import finetune_stage
 from soupbench.stages.imports import import_stage
 from soupbench.stages.report import report_stage
 from soupbench.stages.select import select_stage
-from soupbench.stages.setup import STAGES, build, setup  # noqa: F401 - build, STAGES: where callers find them
-from soupbench.stages.soup import selected_soups, soup_stage  # noqa: F401 - selected_soups: where callers find it
+from soupbench.stages.setup import setup
+from soupbench.stages.soup import soup_stage
 from soupbench.stages.start import prepare_start
 
 log = logging.getLogger("soupbench")
@@ -42,7 +43,7 @@ def run(cfg: DictConfig) -> dict | None:
     validate(cfg)                     # every setting's type and range, and the device, before any data is loaded
     s = setup(cfg)
     one_job = cfg.finetune.index is not None
-    stages = [st for st in cfg.stages if st == "finetune"] if one_job else list(cfg.stages)
+    stages = [st for st in cfg.stages if st == Stage.FINETUNE] if one_job else list(cfg.stages)
     if one_job and stages != list(cfg.stages):
         log.info("finetune.index=%s: this job trains one ingredient; soups are built once the sweep is done",
                  cfg.finetune.index)
@@ -53,26 +54,26 @@ def run(cfg: DictConfig) -> dict | None:
         faults.set_stage("linear probe")
         start = prepare_start(s)
         warnings = [*s.warnings, *start.warnings]
-        if "finetune" in stages:
+        if Stage.FINETUNE in stages:
             enter("finetune", "finetune")
             if cfg.ingredients.from_files is not None:
                 import_stage(s, start, tracker)
             else:
                 finetune_stage(s, start, tracker)
         results = None
-        needs_soup = any(st in stages for st in ("soup", "evaluate", "report"))
+        needs_soup = any(st in stages for st in (Stage.SOUP, Stage.EVALUATE, Stage.REPORT))
         # two processes on one run directory take turns from here (the soups, results.json and correct.safetensors
         # are one per run directory): the second waits, then reuses what the first built or rebuilds for its
         # own settings; the ranks of one job share the lock's holder (rank 0 takes it, the others follow it)
         with file_lock(s.layout.run_lock) if needs_soup and world.main else contextlib.nullcontext():
             ingredients, start_problem = select_stage(s, start) if needs_soup else ([], None)
-            if "soup" in stages:
+            if Stage.SOUP in stages:
                 enter("soup")                               # each soup names itself (soup <name>)
                 soup_stage(s, start, ingredients, start_problem)
-            if "evaluate" in stages:
+            if Stage.EVALUATE in stages:
                 enter("evaluate", "evaluate")   # the forward passes over every rank, then rank 0's stage
                 results = evaluate_stage(s, start, ingredients, warnings)
-            if "report" in stages:
+            if Stage.REPORT in stages:
                 enter("report", "report")
                 results = report_stage(s, results, tracker)
         faults.set_stage("W&B finish")

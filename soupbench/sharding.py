@@ -201,17 +201,19 @@ def _store(evaluator: Evaluator, fp: str, split: str, rows: torch.Tensor) -> Non
     evaluator.store(fp, split, [rows])
 
 
-def built_by_every_rank(world: World, scfg: Mapping) -> bool:
-    """Does every rank build soup `scfg` together: what its method declares (`every_rank`: the learned soups
-    with `distributed: auto`, their blocks split over the ranks; greedy and WiSE-FT, whose held-out passes are
+def built_by_every_rank(world: World, name: str, scfg: Mapping) -> bool:
+    """Does every rank build soup `name` (its config node `scfg`) together: what its method declares
+    (`every_rank`: the learned soups with `distributed: auto`, their blocks split over the ranks; greedy and
+    WiSE-FT, whose held-out passes are
     sharded, each rank loading the ingredients itself); any other soup is rank 0's alone (`World.on_first`,
     inside which a collective raises)."""
     if not world.distributed:
         return False
-    from soupbench.soups.registry import method_of, validated
+    from soupbench.settings.base import validated
+    from soupbench.soups.registry import method_of
 
-    m = method_of(str(scfg.get("_target_", "")), scfg)
-    return m.every_rank(validated(m.settings, scfg, f"soup.{m.name}"))
+    m = method_of(name, scfg)
+    return m.every_rank(validated(m.settings, scfg, f"soup.{name}"))
 
 
 def sharded_accuracy(world: World, evaluator: Evaluator, split: str, state: Mapping[str, torch.Tensor]) -> float:

@@ -11,7 +11,7 @@ import soupbench
 from soupbench.backbones import recalibrate_batchnorm, set_batchnorm_eval
 from soupbench.backbones.open_clip_model import create as create_clip
 from soupbench.errors import CheckpointError, ConfigError
-from soupbench.pipeline import build
+from soupbench.stages.setup import build
 from tests.helpers import CPU, compose_cfg, random_split, tiny_model
 
 FAST = {"efficientnet_lite0": 32, "efficientnet_lite1": 32, "efficientnet_lite2": 32, "timm": 32, "clip_vit_b32": 224}

@@ -74,7 +74,7 @@ def test_launcher_configs_compose_onto_the_plugins(launcher):
 
 
 def test_paper_presets_carry_the_paper_settings_and_only_their_soups(tmp_path):
-    from soupbench.pipeline import selected_soups
+    from soupbench.stages.soup import selected_soups
 
     table = compose_cfg(["experiment=imagenet_vit_b32"], tmp_path)
     assert table.backbone.model_name == "ViT-B-32-quickgelu" and table.dataset._target_.endswith("imagenet.load")

@@ -20,6 +20,7 @@ from soupbench.evaluate import ensemble_scores, percent
 from soupbench.io.atomic import read_json
 from soupbench.io.weights import load_weights
 from soupbench.rowfile import in_memory
+from soupbench.settings.base import validated
 from soupbench.soups import registry
 from soupbench.soups.wise_ft import interpolate
 from tests.helpers import compose_cfg, make_store, random_split, tiny_model
@@ -72,7 +73,7 @@ def test_settings_problems_name_the_key_in_one_line():
     assert registry.settings_problems("my_hl", {"_target_": "soupbench.soups.learned.build", "epochs": 0}) == [
         "soup.my_hl.epochs=0: expected an integer >= 1"]
     with pytest.raises(ConfigError, match=r"soup.learned.granularity='tensor': expected one of model, layer"):
-        registry.validated(registry.method("learned").settings, {"granularity": "tensor"}, "soup.learned")
+        validated(registry.method("learned").settings, {"granularity": "tensor"}, "soup.learned")
 
 
 def test_traits_follow_the_settings():

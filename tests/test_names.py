@@ -63,7 +63,7 @@ def test_ingredient_ids_are_matched_as_text(tmp_path):
 
 
 def test_soup_names_and_references_are_matched_as_text(tmp_path):
-    from soupbench.pipeline import selected_soups
+    from soupbench.stages.soup import selected_soups
     from tests.helpers import compose_cfg
 
     cfg = compose_cfg(["soup=[uniform]"], tmp_path)

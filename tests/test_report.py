@@ -41,8 +41,8 @@ def test_offline_wandb_run_holds_table_plots_and_soup(tiny_run, tmp_path, monkey
 def test_paper_figures_and_deltas_beside_ours():
     from omegaconf import OmegaConf
 
-    from soupbench.pipeline import paper_figures
     from soupbench.report import format_table, table_rows
+    from soupbench.stages.evaluate import paper_figures
 
     cfg = OmegaConf.create({"ingredients": {"exclude_top": 22}, "report": {
         "paper": {"greedy": {"test": 81.03, "ood_avg": 50.75}, "uniform": {"test": 79.97}},

@@ -152,13 +152,24 @@ def test_feature_shares_are_whole_batches_of_one_process():
 
 def test_greedy_wise_ft_and_learned_soups_are_built_by_every_rank_of_a_job():
     two, one = World(0, 2), World()
-    assert built_by_every_rank(two, {"_target_": "soupbench.soups.greedy.build"})
-    assert built_by_every_rank(two, {"_target_": "soupbench.soups.wise_ft.build"})
-    assert built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "auto"})
-    assert not built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build", "distributed": "off"})
-    assert built_by_every_rank(two, {"_target_": "soupbench.soups.learned.build"})     # learned.build's default
-    assert not built_by_every_rank(two, {"_target_": "soupbench.soups.uniform.build"})
-    assert not built_by_every_rank(one, {"_target_": "soupbench.soups.greedy.build"})
+    assert built_by_every_rank(two, "greedy", {"_target_": "soupbench.soups.greedy.build"})
+    assert built_by_every_rank(two, "wise_ft", {"_target_": "soupbench.soups.wise_ft.build"})
+    assert built_by_every_rank(two, "learned", {"_target_": "soupbench.soups.learned.build", "distributed": "auto"})
+    assert not built_by_every_rank(two, "learned", {"_target_": "soupbench.soups.learned.build", "distributed": "off"})
+    assert built_by_every_rank(two, "learned", {"_target_": "soupbench.soups.learned.build"})   # the declared default
+    assert not built_by_every_rank(two, "uniform", {"_target_": "soupbench.soups.uniform.build"})
+    assert not built_by_every_rank(one, "greedy", {"_target_": "soupbench.soups.greedy.build"})
+
+
+def test_a_shared_build_is_judged_by_its_variant(monkeypatch):
+    """hl and greedy_ensemble share a build with learned and ensemble: the traits and the messages are the
+    variant's own (soup.hl.*), not the first variant's."""
+    from soupbench.errors import ConfigError
+
+    two = World(0, 2)
+    assert not built_by_every_rank(two, "greedy_ensemble", {"_target_": "soupbench.soups.ensemble.build"})
+    with pytest.raises(ConfigError, match=r"^soup\.hl\.lr=-1"):
+        built_by_every_rank(two, "hl", {"_target_": "soupbench.soups.learned.build", "lr": -1})
 
 
 def test_every_rank_gets_the_one_process_rows_exactly(two_ranks):

@@ -15,12 +15,13 @@ import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, TypeVar, Union
 
 import annotated_types as at
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
 from pydantic.fields import FieldInfo
 
+from soupbench.errors import ConfigError
 from soupbench.settings.choices import Distribution
 
 REQUIRED = "???"                      # OmegaConf's missing value: the user has to set it
@@ -31,6 +32,9 @@ class Settings(BaseModel):
     """A group of settings: unknown keys are errors; values are checked, never coerced."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+S = TypeVar("S", bound=Settings)
 
 
 Int = Annotated[int, Strict()]
@@ -97,6 +101,23 @@ def problems(model: type[Settings], node: Mapping[str, Any], prefix: str) -> lis
             found[key] = f"{_dotted(prefix, key)}={show(value)}: {_REQUIRED_TEXT}"
     order = {key: i for i, (key, _) in enumerate(_leaves(node, stop_at=set(found)))}
     return [found[k] for k in sorted(found, key=lambda k: order.get(k, len(order)))]
+
+
+def validated(model: type[S], values: Mapping[str, Any], prefix: str) -> S:
+    """`values` as `model`'s settings (its defaults fill what is not given; Hydra's `_target_`/`_partial_` are
+    ignored), or a ConfigError with the first problem line and the other keys."""
+    plain = {k: v for k, v in _plain(values).items() if k not in ("_target_", "_partial_")}
+    found = problems(model, plain, prefix)
+    if found:
+        also = f" (also: {', '.join(p.split('=', 1)[0] for p in found[1:])})" if len(found) > 1 else ""
+        raise ConfigError(found[0] + also)
+    return model.model_validate(plain)
+
+
+def _plain(node: Mapping[str, Any]) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    return dict(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
 
 
 def describe(annotation: Any, metadata: Sequence[Any] = ()) -> str:

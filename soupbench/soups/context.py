@@ -41,12 +41,16 @@ class SoupContext:
     # a soup built before this one in the same run (soup=[...] order), by name: members and weights (CPU);
     # the pipeline records which ones a soup used and rebuilds it when they change
     earlier_soup: Callable[[str], SoupResult] = _no_earlier_soups
-    name: str = "soup"                     # the method's name in soup=[...]: messages name its settings soup.<name>.*
+    name: str = ""                         # the method's name in soup=[...]: messages name its settings soup.<name>.*
     # why `start` is not the weights the ingredients were fine-tuned from (None: it is, or nothing says otherwise)
     start_problem: str | None = None
     # the held-out selection score of a method's candidates, (scores (N, C), labels (N,)) -> higher is better;
     # None: top-1 accuracy in percent
     metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None
+
+    def settings_name(self, method: str) -> str:
+        """`soup.<name>`, as messages name this soup's settings: its name in soup=[...], else `method`'s own."""
+        return f"soup.{self.name or method}"
 
     def start_weights(self, setting: str) -> dict[str, torch.Tensor]:
         """θ0 for a method that builds on it (WiSE-FT, Model Stock, learned soups centred on the start): stops

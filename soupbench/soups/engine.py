@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,9 +19,9 @@ from soupbench.backbones import has_batchnorm, recalibrate_batchnorm
 from soupbench.evaluate import ensemble_scores
 from soupbench.guards import require_finite_tensors
 from soupbench.io.hashing import fingerprint
-from soupbench.settings.base import Settings
+from soupbench.settings.base import Settings, validated
 from soupbench.soups.context import SoupContext, SoupResult
-from soupbench.soups.registry import SoupMethod, method_of, validated
+from soupbench.soups.registry import SoupMethod, method_of
 
 HeldoutScores = Callable[[Mapping[str, torch.Tensor], str], torch.Tensor]   # (weights, fingerprint) -> (N, C)
 Images = torch.Tensor | Callable[[], torch.Tensor]
@@ -47,6 +48,8 @@ def make_soup(m: SoupMethod | str, ctx: SoupContext, settings: Settings | Mappin
     set; `info` holds the method's record, plus `bn_recalibrated_on` (the number of images) when re-estimated."""
     if isinstance(m, str):
         m = method_of(m, {})
+    if not ctx.name:                          # messages and fault points name the soup by its method
+        ctx = replace(ctx, name=m.name)
     if not isinstance(settings, Settings):
         settings = settings_of(m, settings, ctx.name)
     t0 = time.perf_counter()

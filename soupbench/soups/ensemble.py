@@ -8,18 +8,12 @@ reads one member, not all kept ones."""
 
 from __future__ import annotations
 
-import enum
+from typing import Any
 
-from soupbench.errors import ConfigError
-from soupbench.evaluate import ENSEMBLE_COMBINE, ensemble_term
+from soupbench.evaluate import Combine, ensemble_term
 from soupbench.ingredients import sort_by_heldout
-from soupbench.settings.base import Bool, Settings
+from soupbench.settings.base import Bool, Settings, validated
 from soupbench.soups.context import Accept, Declaration, SoupContext, SoupResult
-
-
-class Combine(enum.StrEnum):
-    LOGITS = "logits"       # mean of the members' logits (the official model-soups ensemble)
-    PROBS = "probs"         # mean of their softmax probabilities
 
 
 class EnsembleSettings(Settings):
@@ -35,11 +29,10 @@ class GreedyEnsembleSettings(EnsembleSettings):
 DECLARATIONS = {"ensemble": Declaration(EnsembleSettings), "greedy_ensemble": Declaration(GreedyEnsembleSettings)}
 
 
-def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=", combine: str = "logits") -> SoupResult:
-    if accept not in (">=", ">"):
-        raise ConfigError(f"soup.greedy_ensemble.accept={accept!r}: expected '>=' or '>'")
-    if combine not in ENSEMBLE_COMBINE:
-        raise ConfigError(f"soup ensemble combine={combine!r}: expected one of {ENSEMBLE_COMBINE}")
+def build(ctx: SoupContext, **settings: Any) -> SoupResult:
+    """`settings`: EnsembleSettings' (validated here; the engine passes each variant's in full)."""
+    v = validated(EnsembleSettings, settings, ctx.settings_name("ensemble")).model_dump(mode="json")
+    greedy, accept, combine = v["greedy"], v["accept"], v["combine"]
     order = sort_by_heldout(ctx.ingredients)
     if not greedy:
         return SoupResult([g.id for g in order], None, {"combine": combine})
@@ -50,7 +43,7 @@ def build(ctx: SoupContext, greedy: bool = False, accept: str = ">=", combine: s
     for g in order[1:]:
         cand = total + ensemble_term(ctx.ingredient_scores(g, "heldout"), combine)
         acc = ctx.heldout_score(cand)                  # argmax of the sum = argmax of the mean
-        kept = acc >= best if accept == ">=" else acc > best
+        kept = acc >= best if accept == Accept.AT_LEAST else acc > best
         if kept:
             members.append(g)
             total, best = cand, acc

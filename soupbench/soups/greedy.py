@@ -6,13 +6,13 @@ The paper accepts on `>=`, the official code on `>`: `accept` chooses."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from soupbench.errors import ConfigError
 from soupbench.ingredients import sort_by_heldout
-from soupbench.settings.base import Settings
+from soupbench.settings.base import Settings, validated
 from soupbench.soups.averaging import is_averaged, stream_states
 from soupbench.soups.context import Accept, Declaration, SoupContext, SoupResult, always
 
@@ -25,9 +25,9 @@ class GreedySettings(Settings):
 DECLARATIONS = {"greedy": Declaration(GreedySettings, every_rank=always)}
 
 
-def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:
-    if accept not in (">=", ">"):
-        raise ConfigError(f"soup.greedy.accept={accept!r}: expected '>=' or '>'")
+def build(ctx: SoupContext, **settings: Any) -> SoupResult:
+    """`settings`: GreedySettings' (validated here; its defaults fill the rest)."""
+    accept = validated(GreedySettings, settings, ctx.settings_name("greedy")).model_dump(mode="json")["accept"]
     order = sort_by_heldout(ctx.ingredients)
     first = order[0]
     # running float sum of the kept ingredients; the soup is sum / n
@@ -45,7 +45,7 @@ def build(ctx: SoupContext, accept: str = ">=") -> SoupResult:
         n = len(members) + 1
         candidate = {k: ((total[k] + v) / n).to(v.dtype) if is_averaged(v) else v for k, v in state.items()}
         acc = ctx.heldout_accuracy(candidate)
-        kept = acc >= best_acc if accept == ">=" else acc > best_acc
+        kept = acc >= best_acc if accept == Accept.AT_LEAST else acc > best_acc
         if kept:
             for k, v in state.items():
                 if is_averaged(v):

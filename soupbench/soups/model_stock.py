@@ -30,11 +30,12 @@ agree for two ingredients whose task vectors do not point apart.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import torch
 
 from soupbench.errors import ConfigError
-from soupbench.settings.base import Settings
+from soupbench.settings.base import Settings, validated
 from soupbench.soups.averaging import is_averaged, stream_states
 from soupbench.soups.context import Declaration, SoupContext, SoupResult, always
 
@@ -52,9 +53,6 @@ class Form(enum.StrEnum):
     PAPER = "paper"             # the paper's method: the first two ingredients, t unclamped
 
 
-FORMS = tuple(Form)
-
-
 class ModelStockSettings(Settings):
     form: Form = Form.SOUPBENCH
 
@@ -62,11 +60,11 @@ class ModelStockSettings(Settings):
 DECLARATIONS = {"model_stock": Declaration(ModelStockSettings, needs_start=always)}
 
 
-def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:
-    if form not in FORMS:
-        raise ConfigError(f"soup.model_stock.form={form!r}: expected one of {list(FORMS)}")
-    ingredients = ctx.ingredients[:2] if form == "paper" else ctx.ingredients
-    if form == "paper" and len(ingredients) < 2:
+def build(ctx: SoupContext, **settings: Any) -> SoupResult:
+    """`settings`: ModelStockSettings' (validated here; its defaults fill the rest)."""
+    form = validated(ModelStockSettings, settings, ctx.settings_name("model_stock")).model_dump(mode="json")["form"]
+    ingredients = ctx.ingredients[:2] if form == Form.PAPER else ctx.ingredients
+    if form == Form.PAPER and len(ingredients) < 2:
         raise ConfigError("soup.model_stock.form=paper merges two fine-tuned models: "
                           f"{len(ingredients)} ingredient(s) given")
     theta0 = ctx.start_weights("soup.model_stock")
@@ -104,7 +102,7 @@ def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:
                 unchanged.append(name)
         else:
             cos = (float(unit_sum[name].pow(2).sum()) - m) / (k * (k - 1))
-            if form == "paper":                 # the paper's ratio as it stands: t < 0 for a negative cosine
+            if form == Form.PAPER:                 # the paper's ratio as it stands: t < 0 for a negative cosine
                 cos = min(max(cos, -1.0), 1.0)
                 if cos <= -1.0:                  # exactly opposite task vectors: the ratio has no value
                     t = 0.0
@@ -128,11 +126,11 @@ def build(ctx: SoupContext, form: str = "soupbench") -> SoupResult:
                 ("k = 1: the soup is that ingredient", k == 1),
                 (f"{len(unchanged)} tensor(s) no ingredient changed: kept at θ0", bool(unchanged)),
                 (f"{len(clamped)} tensor(s) with a negative mean cosine: clamped to 0, kept at θ0",
-                 bool(clamped) and form == "soupbench"),
+                 bool(clamped) and form == Form.SOUPBENCH),
                 (f"{len(clamped)} tensor(s) with exactly opposite task vectors: kept at θ0",
-                 bool(clamped) and form == "paper"),
+                 bool(clamped) and form == Form.PAPER),
                 (f"{len(negative)} tensor(s) with t < 0 (the paper's form, unclamped): past θ0", bool(negative)),
                 (f"the paper's form: the first two of {len(ctx.ingredients)} ingredients",
-                 form == "paper" and len(ctx.ingredients) > 2),
+                 form == Form.PAPER and len(ctx.ingredients) > 2),
             ) if cond]}
     return SoupResult([g.id for g in ingredients], soup, info)

@@ -19,6 +19,7 @@ from pydantic import ConfigDict, create_model
 
 from soupbench.errors import ConfigError
 from soupbench.settings.base import Settings, problems
+from soupbench.settings.choices import SoupDistributed
 from soupbench.soups.context import Declaration
 
 HYDRA_KEYS = ("_target_", "_partial_")
@@ -86,15 +87,6 @@ def settings_problems(name: str, node: Mapping[str, Any]) -> list[str]:
     return problems(m.settings, plain(node), f"soup.{name}")
 
 
-def validated(model: type[Settings], values: Mapping[str, Any], prefix: str) -> Settings:
-    """`values` as `model`'s settings, or a ConfigError with the first problem line (and the other keys)."""
-    found = problems(model, plain(values), prefix)
-    if found:
-        also = f" (also: {', '.join(p.split('=', 1)[0] for p in found[1:])})" if len(found) > 1 else ""
-        raise ConfigError(found[0] + also)
-    return model.model_validate(plain(values))
-
-
 def plain(node: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of a soup's node without Hydra's keys, as plain Python values."""
     from omegaconf import DictConfig, OmegaConf
@@ -138,7 +130,7 @@ def _by_target(target: str, variant: str | None) -> SoupMethod:
 
 def _auto(settings: Settings) -> bool:
     """A user's method with a `distributed: auto` setting is built by every rank, as the learned soups are."""
-    return getattr(settings, "distributed", None) == "auto"
+    return getattr(settings, "distributed", None) == SoupDistributed.AUTO
 
 
 def _signature_settings(build: Callable, name: str) -> type[Settings]:

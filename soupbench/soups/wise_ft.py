@@ -19,17 +19,16 @@ the paper reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Annotated
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from soupbench.errors import ConfigError
 from soupbench.guards import require_finite_losses, require_finite_tensors, setting
 from soupbench.ingredients import sort_by_heldout
-from soupbench.settings.base import Bool, Settings, Str
+from soupbench.settings.base import Bool, Settings, Str, validated
 from soupbench.soups.averaging import is_averaged
 from soupbench.soups.context import Declaration, SoupContext, SoupResult, always
 
@@ -77,13 +76,10 @@ def curve_states(start: Mapping[str, torch.Tensor], meta: dict, load_ingredient,
     yield from ((a, interpolate(start, theta, a)) for a in info["curve_alphas"])
 
 
-def build(ctx: SoupContext, target: str = "best_individual", alphas: Sequence[float] = DEFAULT_ALPHAS,
-          alpha: float | None = None, curve: bool = False) -> SoupResult:
-    alphas = [float(a) for a in alphas]
-    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise ConfigError(f"soup.wise_ft.alphas={alphas}: expected a non-empty list of values in [0, 1]")
-    if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-        raise ConfigError(f"soup.wise_ft.alpha={alpha}: expected null (chosen on held-out) or a value in [0, 1]")
+def build(ctx: SoupContext, **settings: Any) -> SoupResult:
+    """`settings`: WiseFTSettings' (validated here; its defaults fill the rest)."""
+    v = validated(WiseFTSettings, settings, ctx.settings_name("wise_ft")).model_dump(mode="json")
+    target, alphas, alpha, curve = v["target"], [float(a) for a in v["alphas"]], v["alpha"], v["curve"]
     theta0 = ctx.start_weights("soup.wise_ft")
     target_logits = None
     if target == "best_individual":

@@ -22,6 +22,7 @@ from soupbench.io.hashing import fingerprint
 from soupbench.io.locks import file_lock
 from soupbench.io.reuse import reusable_meta
 from soupbench.search_space import hyperparameter_configs, ingredient_id
+from soupbench.settings.choices import Precision
 from soupbench.sharding import score_missing
 from soupbench.stages.scores import on_this_data
 from soupbench.stages.setup import Setup, container
@@ -39,7 +40,7 @@ def planned_ingredients(cfg: DictConfig) -> list[tuple[str, dict, int]]:
         fixed["max_train_images"] = {"sample": ft.max_train_images, "seed": cfg.seed}
     else:
         fixed["max_train_images"] = None
-    if ft.precision != "auto":              # in the id only when set: ingredients trained before keep theirs
+    if ft.precision != Precision.AUTO:              # in the id only when set: ingredients trained before keep theirs
         fixed["precision"] = ft.precision
     return [(ingredient_id(i, hp, cfg.seed + i, fixed), hp, cfg.seed + i) for i, hp in enumerate(configs)]
 

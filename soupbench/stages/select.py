@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from soupbench.errors import ConfigError
 from soupbench.ingredients import Ingredient, check_compatible, list_ingredients, restrict
 from soupbench.names import nfc, show_all
+from soupbench.settings.choices import Select
 from soupbench.sharding import score_missing
 from soupbench.stages.finetune import planned_ingredients, start_ingredient_id
 from soupbench.stages.scores import on_this_data
@@ -58,9 +59,9 @@ def chosen_ingredients(s: Setup, start: Start) -> list[Ingredient]:
     """The finished ingredients `ingredients.select` names, before ranking and restriction."""
     found = {g.id: g for g in list_ingredients(s.layout.ingredients)}     # ids in NFC (list_ingredients)
     select = s.cfg.ingredients.select
-    if select == "all":
+    if select == Select.ALL:
         return list(found.values())
-    if select == "config":
+    if select == Select.CONFIG:
         ids = [nfc(gid) for gid in planned_ids(s, start)]
         missing = [gid for gid in ids if gid not in found]
         if missing:
@@ -68,4 +69,4 @@ def chosen_ingredients(s: Setup, start: Start) -> list[Ingredient]:
                               f"{s.layout.ingredients} (e.g. {show_all(missing[:3])}): run the finetune stage "
                               "first, or set ingredients.select=all")
         return [found[gid] for gid in ids]
-    raise ConfigError(f"ingredients.select={select!r}: expected config or all")
+    raise ConfigError(f"ingredients.select={select!r}: expected one of {[v.value for v in Select]}")

@@ -23,9 +23,9 @@ from soupbench.evaluator import Evaluator
 from soupbench.io.hashing import hash_settings
 from soupbench.run_layout import RunLayout
 from soupbench.runtime import resolve_device, set_memory_format
+from soupbench.settings.choices import CheckpointFormat
 
 log = logging.getLogger("soupbench")
-STAGES = ("finetune", "soup", "evaluate", "report")
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,6 @@ def container(node: Any) -> Any:
 def setup(cfg: DictConfig) -> Setup:
     """The ranks (torchrun / SLURM: one rank per device), the data, the model laid out for the device, the
     evaluator; the config's checks that need none of them come first, so a bad one reads no data."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"stages: unknown stage(s) {unknown}; expected a subset of {list(STAGES)}")
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     world = distributed.init(resolve_device(cfg.device), float(cfg.distributed.timeout_s),
@@ -119,7 +116,7 @@ def heldout_protocol(cfg: DictConfig, source: str | None) -> list[str]:
     overfit ingredients high. Checked from the config before any data is read (`source` None: no index
     file is set), and again from the loaded data. Returns the warnings the results must carry."""
     ing = cfg.ingredients
-    if ing.from_files is None or ing.format != "model_soups" or (source or "").startswith("index:"):
+    if ing.from_files is None or ing.format != CheckpointFormat.MODEL_SOUPS or (source or "").startswith("index:"):
         return []
     shown = source or "not an index file"
     if not ing.allow_foreign_heldout:

@@ -58,7 +58,7 @@ def soup_stage(s: Setup, start: Start, ingredients: list[Ingredient], start_prob
         faults.set_stage(f"soup {name}")
         faults.point(f"soup.{name}.start")
         make = partial(make_soup, s, start, start_problem, name, scfg, settings, key, ingredients, dict(built), bn)
-        if built_by_every_rank(s.world, scfg):
+        if built_by_every_rank(s.world, name, scfg):
             # learned soups: every rank holds its share of each block (soupbench.soups.learned); greedy,
             # WiSE-FT: every held-out pass sharded over the ranks; rank 0 writes, the others wait for it
             meta = make(everywhere=True)

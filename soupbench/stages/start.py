@@ -21,6 +21,7 @@ from soupbench.io.locks import file_lock
 from soupbench.io.reuse import reusable_meta
 from soupbench.io.weights import load_verified
 from soupbench.linear_probe import linear_probe
+from soupbench.settings.choices import CheckpointFormat, Precision
 from soupbench.sharding import score_missing, state_to_all
 from soupbench.stages.setup import Setup, container
 
@@ -54,8 +55,8 @@ def prepare_start(s: Setup) -> Start:
         if ing.start is not None:
             from soupbench.importers import read_weights
 
-            weights, info = read_weights(Path(ing.start), s.model.state_dict(), s.model.source_keys, "auto", False,
-                                         container(ing.key_map))
+            weights, info = read_weights(Path(ing.start), s.model.state_dict(), s.model.source_keys,
+                                         CheckpointFormat.AUTO, False, container(ing.key_map))
             s.model.load_state_dict(weights)
             log.info("start θ0: %s (%s, head from the %s)", ing.start, info["format"], info["head"])
         else:
@@ -63,7 +64,7 @@ def prepare_start(s: Setup) -> Start:
         return Start(weights, fingerprint(weights))
     settings = {"backbone": container(s.cfg.backbone), "data": s.data_key,
                 "linear_probe": container(s.cfg.finetune.linear_probe)}
-    if s.cfg.finetune.precision != "auto":  # part of the key only when set, so earlier probes stay reusable
+    if s.cfg.finetune.precision != Precision.AUTO:  # part of the key only when set, so earlier probes stay reusable
         settings["precision"] = s.cfg.finetune.precision
     # rank 0 alone takes the lock (other jobs of a sweep wait for it); the ranks of this job follow rank 0
     with file_lock(s.layout.start_lock) if s.world.main else contextlib.nullcontext():

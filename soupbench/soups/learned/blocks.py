@@ -13,6 +13,7 @@ from soupbench.distributed import SINGLE, World
 from soupbench.errors import ConfigError
 from soupbench.soups.averaging import is_averaged
 from soupbench.soups.learned.gradient import _row_chunks
+from soupbench.soups.learned.settings import Centre, Granularity, ModelOrder, Parameterisation
 
 
 def learnable_names(model: torch.nn.Module) -> list[str]:
@@ -23,9 +24,9 @@ def learnable_names(model: torch.nn.Module) -> list[str]:
 def coefficient_groups(numels: list[int], granularity: str, layer_size: int = 0) -> list[int]:
     """Group index of every learnable tensor. `model`: one group. `layer`: consecutive tensors share a group
     until it holds more than `layer_size` parameters (the MEHL-Soup code's rule; 0 gives one per tensor)."""
-    if granularity == "model":
+    if granularity == Granularity.MODEL:
         return [0] * len(numels)
-    if granularity != "layer":
+    if granularity != Granularity.LAYER:
         raise ConfigError(f"granularity={granularity!r}: expected model or layer")
     if layer_size < 0:
         raise ConfigError(f"layer_size={layer_size}: expected >= 0")
@@ -39,7 +40,6 @@ def coefficient_groups(numels: list[int], granularity: str, layer_size: int = 0)
 
 
 
-MODEL_ORDERS = ("torch", "mehl_official")
 # MEHL-Soup utils.py get_datasets draws `np.random.permutation(len(train_dataset))` of ImageNet train right after
 # set_seed, before MEHL_soup_layer.py shuffles the models: the official blocks depend on that draw too
 MEHL_OFFICIAL_FIRST_DRAW = 1_281_167
@@ -53,10 +53,10 @@ def block_order(num_models: int, block_size: int, num_passes: int, shuffle: bool
     stream (MEHL_soup_layer.py: `set_seed(seed)`, then utils.py's permutation of the 1,281,167 ImageNet train
     images, then `np.random.shuffle(models)` of [0..K) once per pass, on the list the last pass left): with
     run.sh's seed 1 and 72 models, the blocks [70, 21, 45, 19, ...]. The global numpy state is left as it was."""
-    if model_order not in MODEL_ORDERS:
-        raise ConfigError(f"model_order={model_order!r}: expected one of {list(MODEL_ORDERS)}")
+    if model_order not in tuple(ModelOrder):
+        raise ConfigError(f"model_order={model_order!r}: expected one of {[o.value for o in ModelOrder]}")
     blocks = []
-    if model_order == "mehl_official" and shuffle:
+    if model_order == ModelOrder.MEHL_OFFICIAL and shuffle:
         rng = np.random.RandomState(seed)           # = np.random.seed(seed): the same Mersenne Twister stream
         rng.permutation(MEHL_OFFICIAL_FIRST_DRAW)
         order = list(range(num_models))
@@ -81,13 +81,13 @@ def fold_effective(eff: torch.Tensor, eff_base: torch.Tensor, block: list[int], 
     soup (or the block's mean, or θ0, for the first block). The rows of `e` are what the soup's coefficient
     plot shows: each ingredient's effective weight per tensor, whatever the number of blocks and passes."""
     eff, eff_base = eff.clone(), eff_base.clone()
-    if parameterisation == "simplex":
+    if parameterisation == Parameterisation.SIMPLEX:
         eff[block] = w
         return eff, eff_base
     if first:
         eff.zero_()
         eff_base.zero_()
-        if centre == "base":
+        if centre == Centre.START:
             eff_base.fill_(1.0)
         else:
             eff[block] = 1.0 / len(block)
@@ -125,7 +125,7 @@ def block_tensors(states: list[dict[str, torch.Tensor]], names: list[str], param
     def stack(centre: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         return _stack_directions(states, names, centre, like, device)
 
-    if parameterisation == "simplex":
+    if parameterisation == Parameterisation.SIMPLEX:
         buffers = mean(states, set(names))
         return None, buffers, stack(None), None
     ref = mean(states, set()) if ref is None else ref

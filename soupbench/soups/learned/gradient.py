@@ -12,6 +12,7 @@ from torch.func import functional_call
 
 from soupbench.distributed import SINGLE, World
 from soupbench.runtime import autocast, like_model
+from soupbench.soups.learned.settings import Clip, Parameterisation
 
 
 def combine(centre: Mapping[str, torch.Tensor] | None, directions: Mapping[str, torch.Tensor],
@@ -156,7 +157,7 @@ def coefficient_weights(param: torch.Tensor, parameterisation: str, group_of: to
         w = param if param.ndim == 2 else param[:, None].expand(-1, group_of)
     else:
         w = (param if param.ndim == 2 else param[:, None])[:, group_of]
-    return torch.softmax(w / temperature, dim=0) if parameterisation == "simplex" else w
+    return torch.softmax(w / temperature, dim=0) if parameterisation == Parameterisation.SIMPLEX else w
 
 
 def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Optimizer,
@@ -176,7 +177,7 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
     w = coefficient_weights(param, parameterisation, len(names) if group_of is None else group_of, temperature)
     mine = ranks.share(len(param))
     loss, g, scale_grad = coefficient_gradient(model, centre, directions, w.detach()[mine], names, buffers, x, y,
-                                               precision, max_grad_norm if clip == "model" else None, logit_scale,
+                                               precision, max_grad_norm if clip == Clip.MODEL else None, logit_scale,
                                                ranks, pieces)
     g = ranks.rows(g, len(param))
     opt.zero_grad(set_to_none=True)
@@ -185,7 +186,7 @@ def inner_step(model: torch.nn.Module, param: torch.Tensor, opt: torch.optim.Opt
         logit_scale.grad = scale_grad
     if coef_l2:
         param.grad.add_(param.detach(), alpha=2.0 * coef_l2)
-    if max_grad_norm and clip == "coefficients":
+    if max_grad_norm and clip == Clip.COEFFICIENTS:
         torch.nn.utils.clip_grad_norm_([param], max_grad_norm)
     opt.step()
     return loss

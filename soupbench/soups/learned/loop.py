@@ -29,7 +29,14 @@ from soupbench.soups.learned.blocks import (
     learnable_names,
 )
 from soupbench.soups.learned.gradient import coefficient_weights, combine, inner_step, validation_loss
-from soupbench.soups.learned.settings import LearnedSettings
+from soupbench.soups.learned.settings import (
+    Centre,
+    Granularity,
+    LearnedSettings,
+    LogitScale,
+    ModelOrder,
+    Parameterisation,
+)
 
 
 def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: Any) -> SoupResult:
@@ -42,11 +49,11 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
     the held-out images is kept out of the inner steps, and each block keeps the coefficients of the epoch with
     the lowest loss on it. `distributed: auto` splits each block's models over the ranks of an initialised
     torch.distributed group; `off` ignores it."""
-    from soupbench.soups.registry import validated
+    from soupbench.settings.base import validated
 
     if settings is not None and values:
         raise TypeError("learned.build: pass validated settings or keyword settings, not both")
-    s = settings if settings is not None else validated(LearnedSettings, values, f"soup.{ctx.name}")
+    s = settings if settings is not None else validated(LearnedSettings, values, ctx.settings_name("learned"))
     v = s.model_dump(mode="json")         # plain values: the record and the resume key hold these
     parameterisation, granularity, block_size, layer_size = (v["parameterisation"], v["granularity"],
                                                               v["block_size"], v["layer_size"])
@@ -61,7 +68,7 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
     ranks = resolve_ranks(distributed)
     K = len(ctx.ingredients)
     b = K if block_size is None else int(block_size)
-    if parameterisation == "simplex" and (b < K or num_passes > 1):
+    if parameterisation == Parameterisation.SIMPLEX and (b < K or num_passes > 1):
         raise ConfigError("parameterisation=simplex learns all models at once: set block_size=null and "
                           "num_passes=1 (block coordinate descent needs the affine parameterisation)")
     ctx.model.eval()
@@ -76,7 +83,7 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
                     weight_decay=weight_decay, schedule=schedule, warmup_frac=warmup_frac,
                     max_grad_norm=max_grad_norm, clip=clip, logit_scale=logit_scale, temperature=temperature,
                     init=init, coef_l2=coef_l2, val_fraction=val_fraction, seed=seed)
-    if model_order != "torch":                 # in the key only when set: earlier resume states stay valid
+    if model_order != ModelOrder.TORCH:                 # in the key only when set: earlier resume states stay valid
         settings["model_order"] = model_order
     if batch_pieces != 1:
         settings["batch_pieces"] = batch_pieces
@@ -92,7 +99,8 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
     shuffled = torch.randperm(len(heldout_y), generator=split_gen).to(heldout_x.device)
     num_val = int(round(val_fraction * len(heldout_y)))
     val_idx, fit_idx = shuffled[:num_val], shuffled[num_val:]
-    blocks = block_order(K, b, num_passes, shuffle_models and parameterisation == "affine", seed, model_order)
+    shuffle = shuffle_models and parameterisation == Parameterisation.AFFINE
+    blocks = block_order(K, b, num_passes, shuffle, seed, model_order)
 
     if ranks.distributed and batch_pieces < ranks.size and ranks.main:
         logging.getLogger("soupbench").info(
@@ -111,7 +119,7 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
         states = [ctx.ingredients[i].load(dev) for i in block[mine]]
         if bi > 0:                                   # later blocks and passes move around the soup so far
             ref = to_device(soup, dev)
-        elif centre == "base":
+        elif centre == Centre.START:
             ref = to_device(ctx.start_weights("centre=base"), dev)
         else:
             ref = None                               # first_block_mean
@@ -119,9 +127,9 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
                                                                  normalize_directions, groups, ranks, len(block),
                                                                  ctx.start, dev)
         del states
-        num_p = (len(block), num_groups) if granularity == "layer" else (len(block),)
+        num_p = (len(block), num_groups) if granularity == Granularity.LAYER else (len(block),)
         param = torch.full(num_p, float(init), device=dev, dtype=torch.float32, requires_grad=True)
-        scale = torch.ones((), device=dev, requires_grad=True) if logit_scale == "learned" else None
+        scale = torch.ones((), device=dev, requires_grad=True) if logit_scale == LogitScale.LEARNED else None
         opt = torch.optim.AdamW([param] + ([scale] if scale is not None else []), lr=lr, weight_decay=weight_decay)
         cuts = batch_bounds(len(fit_idx), batch_size)   # a remainder under half a batch joins the previous batch
         steps_per_epoch = len(cuts)
@@ -157,7 +165,7 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
             w = coefficient_weights(param, parameterisation, group_of, temperature)
             soup = {k: v.cpu() for k, v in {**buffers, **combine(centre_state, directions, w[mine], names,
                                                                  ranks)}.items()}
-        require_finite_tensors(soup, f"block {bi + 1}'s soup tensor", setting(f"soup.{ctx.name}.lr", lr))
+        require_finite_tensors(soup, f"block {bi + 1}'s soup tensor", setting(f"{ctx.settings_name('learned')}.lr", lr))
         eff_models, eff_base = fold_effective(eff_models, eff_base, block, w.detach().cpu().double(),
                                                None if norms is None else norms.cpu().double(), parameterisation,
                                                bi == 0, centre)
@@ -186,14 +194,14 @@ def _check_block(ctx: SoupContext, block_losses: list[torch.Tensor], val_losses:
     loss, validation loss or coefficient stops the soup with one line naming soup.<name>.lr; a loss that ended
     more than DIVERGENCE_FACTOR times above its first step is returned as a warning. One read of the losses."""
     where = f"block {bi + 1} of {num_blocks}"
-    knob = setting(f"soup.{ctx.name}.lr", lr)
+    knob = setting(f"{ctx.settings_name('learned')}.lr", lr)
     losses = torch.stack(block_losses).detach().cpu() if block_losses else torch.empty(0)
     require_finite_losses(losses, "held-out loss", where, knob)
     require_finite_losses(val_losses, "validation loss (val_fraction)", where, knob)
     require_finite_tensors({"coefficients": param.detach(), **({"logit scale": scale.detach()} if scale is not None
                                                                 else {})}, "learned", knob)
     if len(losses) >= 2:
-        return divergence_warning(float(losses[0]), float(losses[-1]), "held-out loss", f"soup {ctx.name}, {where}",
-                                  knob)
+        return divergence_warning(float(losses[0]), float(losses[-1]), "held-out loss",
+                                  f"soup {ctx.name or 'learned'}, {where}", knob)
     return None
 

@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import Field
 
 from soupbench.settings.base import Bool, Float, Int, Settings
+from soupbench.settings.choices import SoupDistributed
 from soupbench.soups.context import Declaration
 
 
@@ -30,7 +31,7 @@ class ModelOrder(enum.StrEnum):
 
 class Centre(enum.StrEnum):
     FIRST_BLOCK_MEAN = "first_block_mean"   # the official code
-    BASE = "base"                           # the start θ0
+    START = "base"                          # the start θ0 (the value keeps its name: presets use it)
 
 
 class Schedule(enum.StrEnum):
@@ -46,11 +47,6 @@ class Clip(enum.StrEnum):
 class LogitScale(enum.StrEnum):
     FIXED = "fixed"
     LEARNED = "learned"      # a scalar on the logits, trained jointly (official learned soup)
-
-
-class Distributed(enum.StrEnum):
-    AUTO = "auto"            # split each block's models over an initialised torch.distributed group
-    OFF = "off"              # one process's work on every rank
 
 
 AtLeastOne = Annotated[int, Field(strict=True, ge=1)]
@@ -83,7 +79,7 @@ class LearnedSettings(Settings):
     coef_l2: Float = Field(0.0, ge=0)
     val_fraction: Float = Field(0.0, ge=0, lt=1)
     seed: Int = Field(0, ge=0)
-    distributed: Distributed = Distributed.AUTO
+    distributed: SoupDistributed = SoupDistributed.AUTO
     batch_pieces: Int = Field(1, ge=1)
 
 
@@ -129,11 +125,11 @@ class MEHLPlusSettings(HLPlusSettings):
 
 
 def _centred_on_start(s: LearnedSettings) -> bool:
-    return s.centre == Centre.BASE
+    return s.centre == Centre.START
 
 
 def _split_over_ranks(s: LearnedSettings) -> bool:
-    return s.distributed == Distributed.AUTO
+    return s.distributed == SoupDistributed.AUTO
 
 
 def _declare(model: type[LearnedSettings]) -> Declaration:
