@@ -11,12 +11,11 @@ A no-op unless the environment sets them:
     SOUPBENCH_FAULT_TRACE=<file>                append every point reached to <file>, one name a line (how the
                                                 harness lists the points of a run before choosing where to kill)
 
-Points (in run order): lp.start, stage.finetune (and stage.soup, stage.evaluate, stage.report as each stage
-starts), lp.weights_saved (between the weights and the JSON that vouches for them),
-finetune.step (each step), finetune.checkpoint, ingredient.weights_saved, soup.<method>.start,
-soup.<method>.block (each finished learned-soup block), soup.<method>.weights_saved, soup.<method>.saved,
-evaluate.scores (each score file written), evaluate.correct, evaluate.results, report.start, report.plots,
-report.done, tracker.finish.
+Points (in run order): lp.start, lp.weights_saved (between the weights and the JSON that vouches for them),
+stage.finetune, finetune.step (each step), finetune.checkpoint, ingredient.weights_saved, stage.soup,
+soup.<method>.start, soup.<method>.block (each finished learned-soup block), soup.<method>.weights_saved,
+soup.<method>.saved, stage.evaluate, evaluate.scores (each score file written), evaluate.correct, evaluate.results,
+stage.report, report.start, report.plots, report.done, tracker.finish.
 """
 
 from __future__ import annotations

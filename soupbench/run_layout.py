@@ -42,7 +42,7 @@ class RunLayout:
         store = self.root / "ingredients" if self.ingredients is None else Path(self.ingredients)
         object.__setattr__(self, "ingredients", store)
 
-    # the shared start θ0 (on disk under its earlier name, base/lp.*)
+    # the shared start θ0 (on disk as base/lp.*)
     @property
     def start_lock(self) -> Path:
         return self.root / "base" / ".lock"

@@ -4,7 +4,8 @@ images the caller gives (never on held-out), stop on a tensor that is not finite
 on held-out with the selection metric, for every method: a weight soup from its weights' scores, an output
 ensemble from its members' combined scores. What differs between the doors is only what the caller passes:
 the command's held-out scores come from its evaluator's store (by fingerprint, the same file the evaluate stage
-reads, so the score costs no extra pass), the API's from its own forward pass."""
+reads, so the score costs no extra pass when a score store is set (`eval.cache_dir`); under torch.distributed
+each rank scores its share), the API's from its own forward pass."""
 
 from __future__ import annotations
 

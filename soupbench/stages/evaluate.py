@@ -91,7 +91,7 @@ def soup_hits(s: Setup, name: str, meta: dict, by_id: dict[str, Ingredient]) -> 
             out[sp] = correct_by_rows(scores, split)
         return out
     members = [by_id[m] for m in meta["members"]]
-    combine = meta["info"].get("combine", "probs")      # records from before `combine`: probabilities
+    combine = meta["info"].get("combine", "probs")      # a record without `combine`: probabilities
     for sp, split in s.evaluator.splits.items():
         out[sp] = ensemble_correct([ingredient_score_rows(s.evaluator, g, sp) for g in members], split, combine)
     return out

@@ -36,7 +36,7 @@ def planned_ingredients(cfg: DictConfig) -> list[tuple[str, dict, int]]:
     ft = cfg.finetune
     configs = hyperparameter_configs(ft.search, container(ft.space), ft.num_ingredients, ft.search_seed)
     fixed = {k: container(ft[k]) for k in ("batch_size", "warmup_frac", "max_grad_norm", "freeze_bn")}
-    if ft.max_train_images is not None:     # a seeded random sample (was the first N: the first classes only)
+    if ft.max_train_images is not None:     # a seeded random sample (the first N would be the first classes)
         fixed["max_train_images"] = {"sample": ft.max_train_images, "seed": cfg.seed}
     else:
         fixed["max_train_images"] = None

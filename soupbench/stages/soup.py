@@ -21,7 +21,7 @@ from soupbench.io.reuse import reusable_meta
 from soupbench.io.weights import load_verified
 from soupbench.names import nfc
 from soupbench.rowfile import in_memory
-from soupbench.sharding import built_by_every_rank, sharded_accuracy
+from soupbench.sharding import built_by_every_rank, sharded_accuracy, sharded_scores
 from soupbench.soups import engine, registry
 from soupbench.soups.context import SoupContext, SoupResult
 from soupbench.stages.scores import ingredient_scores
@@ -100,8 +100,17 @@ def make_soup(s: Setup, start: Start, start_problem: str | None, name: str, scfg
         earlier_soup=lambda wanted: earlier_soup(s, built, name, wanted, used), name=name)
 
     def heldout_scores(state: dict[str, torch.Tensor], fp: str) -> torch.Tensor:
-        """The finished soup's held-out scores, stored by fingerprint: the evaluate stage reads them back."""
-        return in_memory(evaluator.score_rows(state, "heldout", fp))
+        """The finished soup's held-out scores, stored by fingerprint: the evaluate stage reads them back. Built
+        by every rank: each scores its share, rank 0 stores the gathered rows (as the evaluate stage would)."""
+        if not everywhere:
+            return in_memory(evaluator.score_rows(state, "heldout", fp))
+        rows = sharded_scores(world, evaluator, state, "heldout")
+        if evaluator.score_file(fp, "heldout") is not None:
+            world.on_first(lambda: store(fp, rows))
+        return rows
+
+    def store(fp: str, rows: torch.Tensor) -> None:
+        evaluator.store(fp, "heldout", [rows])
 
     def bn_images() -> torch.Tensor:
         return decoded(s.data.train.sample(bn["num_images"], bn["seed"]), s.cfg.dataset.image_size).images
@@ -109,8 +118,7 @@ def make_soup(s: Setup, start: Start, start_problem: str | None, name: str, scfg
     if s.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(s.device)
     result = engine.make_soup(registry.method_of(name, scfg), ctx, settings,
-                              (lambda w, fp: world.on_first(lambda: heldout_scores(w, fp))) if everywhere
-                              else heldout_scores, bn_images if bn["enabled"] else None, bn["batch_size"])
+                              heldout_scores, bn_images if bn["enabled"] else None, bn["batch_size"])
     meta = {"method": name, "settings": settings, "settings_hash": key, "kind": result.kind,
             "members": result.members, "depends_on": used, "soup_time_s": result.time_s,
             **peak_memory(s.device), "info": result.info, "heldout_score": result.heldout_score}

@@ -117,7 +117,7 @@ def fit_start(s: Setup, settings: dict) -> Start:
 
 class _OnRankZero(Start):
     """A Start whose weights stay in the process that read them: what `World.on_first` sends to the other
-    ranks is the fingerprint and the warnings, as it always was (the weights follow by broadcast)."""
+    ranks is the fingerprint and the warnings (the weights follow by broadcast)."""
 
     def __reduce__(self):
         return Start, ({}, self.fingerprint, self.warnings)
