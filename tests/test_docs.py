@@ -204,10 +204,8 @@ def sweep_free(overrides: list[str]) -> list[str]:
 def validate_settings(cfg) -> None:
     """Every setting checked as the command checks it before any work (the device aside: a GPU preset is
     composed on a machine without one)."""
-    try:
-        from soupbench.config_schema import check_settings
-    except ImportError:                        # typed settings per config group
-        from soupbench.settings.check import check_settings
+    from soupbench.settings.check import check_settings
+
     check_settings(cfg)
 
 

@@ -49,7 +49,7 @@ def test_sigterm_and_sigint_mid_write_exit_with_one_line_and_no_temp_file(tmp_pa
         from pathlib import Path
         from soupbench import faults
         from soupbench.errors import install_signal_handlers, report_errors
-        from soupbench.io import atomic_path
+        from soupbench.io.atomic import atomic_path
 
         def work():
             faults.set_stage("soup greedy")
@@ -158,7 +158,7 @@ def test_a_checkpoint_on_a_full_disk_is_the_oserror_it_is_and_leaves_no_file(tmp
         import resource, signal, torch
         from pathlib import Path
         from soupbench.errors import report_errors
-        from soupbench.io import save_torch
+        from soupbench.io.atomic import save_torch
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         out = Path({str(tmp_path)!r})
