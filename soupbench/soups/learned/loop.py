@@ -5,6 +5,7 @@ with its effective weights (see soupbench.soups.learned for the method)."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -65,6 +66,7 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
     temperature, init, coef_l2, val_fraction, seed = v["temperature"], v["init"], v["coef_l2"], v["val_fraction"], \
         v["seed"]
     distributed, model_order, batch_pieces = v["distributed"], v["model_order"], v["batch_pieces"]
+    num_val, num_fit = heldout_split(len(ctx.heldout.labels), val_fraction, ctx.settings_name("learned"))
     ranks = resolve_ranks(distributed)
     K = len(ctx.ingredients)
     b = K if block_size is None else int(block_size)
@@ -97,7 +99,6 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
     group_of = torch.tensor(groups, device=dev)
     split_gen = torch.Generator().manual_seed(seed)
     shuffled = torch.randperm(len(heldout_y), generator=split_gen).to(heldout_x.device)
-    num_val = int(round(val_fraction * len(heldout_y)))
     val_idx, fit_idx = shuffled[:num_val], shuffled[num_val:]
     shuffle = shuffle_models and parameterisation == Parameterisation.AFFINE
     blocks = block_order(K, b, num_passes, shuffle, seed, model_order)
@@ -185,7 +186,31 @@ def build(ctx: SoupContext, settings: LearnedSettings | None = None, **values: A
         "coefficients": eff_models.tolist(), "start_weight": eff_base.tolist(),
         "coefficient_min": eff_models.min().item(), "coefficient_max": eff_models.max().item(),
         "blocks": raw, "heldout_loss_per_block": [{"first": ls[0], "last": ls[-1]} for ls in losses if ls],
-        "num_blocks": len(blocks), "ranks": ranks.size, **({"warnings": warnings} if warnings else {})})
+        "num_blocks": len(blocks), "ranks": ranks.size, "num_fit_images": num_fit, "num_val_images": num_val,
+        **({"warnings": warnings} if warnings else {})})
+
+
+def heldout_split(num_images: int, val_fraction: float, name: str) -> tuple[int, int]:
+    """(images to validate on, images to learn from) of `num_images` held-out images: round(val_fraction · N)
+    are kept out of the inner steps. A split that leaves nothing to learn from, or nothing to validate on where
+    val_fraction asks for validation, is a ConfigError naming `<name>.val_fraction`, before any work: a soup
+    that ran no step would be reported as the soup it started from."""
+    num_val = int(round(val_fraction * num_images))
+    num_fit = num_images - num_val
+    knob = setting(f"{name}.val_fraction", val_fraction)
+    most = math.floor((num_images - 1) / max(1, num_images) * 1e4) / 1e4      # leaves at least one to learn from
+    least = math.ceil(1e4 / max(1, num_images)) / 1e4                         # keeps at least one to validate on
+    if num_fit == 0:
+        if val_fraction == 0:
+            raise ConfigError(f"{name}: the held-out split has 0 images to learn the coefficients from")
+        lower = f"lower it to at most {most:g}, or to 0" if most > 0 else "set it to 0"
+        raise ConfigError(f"{knob}: leaves 0 of {num_images} held-out images to learn from; {lower} (no "
+                          "validation)")
+    if val_fraction > 0 and num_val == 0:
+        raise_it = f"raise it to at least {least:g}, or " if least <= most else ""
+        raise ConfigError(f"{knob}: leaves 0 of {num_images} held-out images to validate on; {raise_it}set it to 0 "
+                          "to keep the last epoch's coefficients")
+    return num_val, num_fit
 
 
 def _check_block(ctx: SoupContext, block_losses: list[torch.Tensor], val_losses: list[float], param: torch.Tensor,
