@@ -84,3 +84,11 @@ def divergence_warning(first: float, last: float, what: str, where: str, setting
            f"{DIVERGENCE_FACTOR:g}x): the optimisation diverged; lower the learning rate")
     log.warning("%s", msg)
     return msg
+
+
+def trivial_warning(msg: str) -> str:
+    """A setting that leaves a soup nothing to choose (a greedy soup over one ingredient, a WiSE-FT grid of one
+    point): logged, and returned for the soup's `info["warnings"]` (results.json's `warnings`)."""
+    log.warning("%s", msg)
+    return msg
+

@@ -14,6 +14,7 @@ from soupbench.evaluate import Combine, ensemble_term
 from soupbench.ingredients import sort_by_heldout
 from soupbench.settings.base import Bool, Settings, validated
 from soupbench.soups.context import Accept, Declaration, SoupContext, SoupResult
+from soupbench.soups.greedy import one_ingredient
 
 
 class EnsembleSettings(Settings):
@@ -48,5 +49,7 @@ def build(ctx: SoupContext, **settings: Any) -> SoupResult:
             members.append(g)
             total, best = cand, acc
         path.append({"id": g.id, "ensemble_heldout_acc": acc, "kept": kept})
-    return SoupResult([g.id for g in members], None,
-                      {"path": path, "heldout_acc": best, "accept": accept, "combine": combine})
+    info = {"path": path, "heldout_acc": best, "accept": accept, "combine": combine}
+    if len(order) == 1:
+        info["warnings"] = [one_ingredient(ctx, "ensemble", "ensemble", order[0].id)]
+    return SoupResult([g.id for g in members], None, info)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from soupbench.guards import trivial_warning
 from soupbench.ingredients import sort_by_heldout
 from soupbench.settings.base import Settings, validated
 from soupbench.soups.averaging import is_averaged, stream_states
@@ -56,5 +57,13 @@ def build(ctx: SoupContext, **settings: Any) -> SoupResult:
                      "kept": bool(kept), "time_s": time.perf_counter() - start})
     n = len(members)
     soup = {k: ((v / n).to(dtypes[k]) if is_averaged(v) else v).cpu() for k, v in total.items()}
-    return SoupResult(members, soup,
-                      {"path": path, "heldout_acc": best_acc, "accept": accept})
+    info = {"path": path, "heldout_acc": best_acc, "accept": accept}
+    if len(order) == 1:
+        info["warnings"] = [one_ingredient(ctx, "greedy", "soup", first.id)]
+    return SoupResult(members, soup, info)
+
+
+def one_ingredient(ctx: SoupContext, method: str, what: str, only: str) -> str:
+    """The warning of a greedy choice over one ingredient: there is nothing to choose, the result is it."""
+    return trivial_warning(f"{ctx.settings_name(method)}: a greedy {what} over 1 ingredient has nothing to choose: "
+                           f"it is {only} as is (the best individual); give it more ingredients")

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from soupbench.guards import require_finite_losses, require_finite_tensors, setting
+from soupbench.guards import require_finite_losses, require_finite_tensors, setting, trivial_warning
 from soupbench.ingredients import sort_by_heldout
 from soupbench.settings.base import Bool, Settings, Str, validated
 from soupbench.soups.averaging import is_averaged
@@ -104,7 +104,12 @@ def build(ctx: SoupContext, **settings: Any) -> SoupResult:
     require_finite_losses([s["heldout_acc"] for s in scores], "held-out accuracy", "the alpha grid",
                           setting("soup.wise_ft.alphas", alphas), "nothing saved")
     chosen = max(scores, key=lambda s: (s["heldout_acc"], -s["alpha"]))
-    return SoupResult(members, interpolate(theta0, theta, chosen["alpha"]),
-                      {"target": target, "alpha": chosen["alpha"], "heldout_acc": chosen["heldout_acc"],
-                       "alpha_from": "heldout" if alpha is None else "fixed", "heldout_by_alpha": scores,
-                       "curve_alphas": alphas if curve else []})
+    info = {"target": target, "alpha": chosen["alpha"], "heldout_acc": chosen["heldout_acc"],
+            "alpha_from": "heldout" if alpha is None else "fixed", "heldout_by_alpha": scores,
+            "curve_alphas": alphas if curve else []}
+    if alpha is None and len(set(grid)) == 1:      # alpha: null asks for a choice on held-out; one point gives none
+        name = ctx.settings_name("wise_ft")
+        info["warnings"] = [trivial_warning(
+            f"{setting(f'{name}.alphas', alphas)}: a grid of one point with {name}.alpha=null has nothing to choose "
+            f"on held-out: α={grid[0]:g} as is; give more values, or set {name}.alpha={grid[0]:g}")]
+    return SoupResult(members, interpolate(theta0, theta, chosen["alpha"]), info)
