@@ -18,6 +18,7 @@ from soupbench.ingredients import Ingredient, list_ingredients, save_ingredient
 from soupbench.io.hashing import fingerprint, hash_settings
 from soupbench.io.weights import require_finite
 from soupbench.key_matching import match_state
+from soupbench.source_identity import content_hash, file_stats, refreshed, same_content
 
 log = logging.getLogger("soupbench")
 
@@ -45,11 +46,9 @@ def read_weights(path: Path, template: Mapping[str, torch.Tensor], source: Sourc
 
 
 def source_record(path: Path, reading: dict) -> dict:
-    """What identifies a source file's content cheaply, and how it was read (`reading`: format, ema, key_map):
-    a changed file or reading is imported again."""
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    return {"source": str(path.resolve()), "source_size": sum(f.stat().st_size for f in files),
-            "source_mtime_ns": max(f.stat().st_mtime_ns for f in files), "reading": hash_settings(reading)}
+    """Where a source file is and how it was read (`reading`: format, ema, key_map); what identifies its
+    content (a sha256, and the stats that spare hashing it again) is soupbench.source_identity."""
+    return {"source": str(path.resolve()), "reading": hash_settings(reading)}
 
 
 def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[str, torch.Tensor],
@@ -57,8 +56,9 @@ def import_files(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
                  fmt: str = "auto", ema: bool = False, key_map: Mapping[str, str] | None = None,
                  progress: bool = False) -> list[Ingredient]:
     """Convert every checkpoint in `files` into an ingredient in `dst_dir`, measuring its held-out accuracy.
-    A file imported before with the same size, time and start is reused. Ingredients stored in another dtype
-    than the backbone's (bf16 among fp32) are cast, with a warning naming the file; soups average in float64."""
+    A file imported before with the same content (sha256), reading and start is reused. Ingredients stored in
+    another dtype than the backbone's (bf16 among fp32) are cast, with a warning naming the file; soups average
+    in float64."""
     out: list[Ingredient] = []
     for _ in import_steps(files, dst_dir, template, source, base_fp, heldout_accuracy, fmt, ema, key_map, progress,
                           out):
@@ -81,11 +81,15 @@ def import_steps(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
     for path, gid in tqdm(list(zip(files, ingredient_ids(files), strict=True)), desc="import checkpoints",
                           disable=not progress, leave=False):
         record = source_record(path, {"format": fmt, "ema": ema, "key_map": dict(key_map or {})})
+        stats, digest = file_stats(path), None          # the stats first: a write after them changes st_ctime
         old = done.get(gid)
         if old is not None and all(old.meta.get(k) == v for k, v in record.items()) and \
                 old.meta.get("base_fingerprint") == base_fp:
-            out.append(old)
-            continue
+            same, digest = same_content(path, old.meta, stats)
+            if same:
+                out.append(refreshed(dst_dir, old, stats))
+                continue
+        digest = digest or content_hash(path)            # before the read: a write between them is noticed
         state, info = read_weights(path, template, source, fmt, ema, key_map)
         if info["head"] == "start":
             log.warning("%s: holds no classifier (%s); its head is the start's", path,
@@ -95,6 +99,7 @@ def import_steps(files: Sequence[Path], dst_dir: str | Path, template: Mapping[s
                         str(next(iter(template.values())).dtype).removeprefix("torch."))
         fp = fingerprint(state)
         yield fp, lambda state=state: state
-        meta = {**record, "import": info, "fingerprint": fp, "base_fingerprint": base_fp,
-                "hyperparameters": {"file": path.name}, "heldout_acc": heldout_accuracy(state, fp)}
+        meta = {**record, "source_sha256": digest, "source_files": stats, "import": info, "fingerprint": fp,
+                "base_fingerprint": base_fp, "hyperparameters": {"file": path.name},
+                "heldout_acc": heldout_accuracy(state, fp)}
         out.append(save_ingredient(dst_dir, gid, state, meta))
