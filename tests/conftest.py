@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import compose_cfg
+from tests.helpers import compose_cfg, make_store, random_split, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -61,3 +61,13 @@ def tiny_run(tmp_path_factory):
     cfg = compose_cfg(["experiment=tiny", "logger=none", "soup=[best_individual,uniform,greedy,ensemble]"], tmp)
     results = run(cfg)
     return cfg, results, Path(cfg.paths.run_dir)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Four ingredients of a tiny network (its start + random task vectors), the start, and 64 held-out
+    images as (inputs, labels): what the Python API's tests soup."""
+    model = tiny_model()
+    base, ings = make_store(tmp_path_factory.mktemp("store"), 4, scale=0.3, model=model)
+    heldout = random_split(n=64)
+    return model, base, [g.load() for g in ings], (heldout.images, heldout.labels)

@@ -23,7 +23,7 @@ from soupbench.rowfile import in_memory
 from soupbench.settings.base import validated
 from soupbench.soups import registry
 from soupbench.soups.wise_ft import interpolate
-from tests.helpers import compose_cfg, make_store, random_split, tiny_model
+from tests.helpers import compose_cfg, random_split, tiny_model
 
 SOUP_DIR = Path(soupbench.CONFIG_DIR) / "soup"
 
@@ -103,14 +103,6 @@ def trimmed(ctx, trim: int = 0, distributed: str = "off"):
 
 
 # ------------------------------------------------------------------------------ the API on the engine
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    model = tiny_model()
-    base, ings = make_store(tmp_path_factory.mktemp("store"), 4, scale=0.3, model=model)
-    heldout = random_split(n=64)
-    return model, base, [g.load() for g in ings], (heldout.images, heldout.labels)
-
 
 def test_every_method_reports_a_heldout_score_through_the_api(small):
     model, base, states, heldout = small

@@ -16,19 +16,10 @@ import soupbench
 from soupbench.errors import ConfigError
 from soupbench.ingredients import Ingredient
 from soupbench.io.atomic import read_json
-from tests.helpers import compose_cfg, copy_of_run, make_store, random_split, tiny_model
+from tests.helpers import compose_cfg, copy_of_run
 
 REPO = Path(soupbench.__file__).resolve().parents[1]
 LEARNED = ["learned", "learned_plus", "hl", "hl_plus", "mehl", "mehl_plus"]
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """Four ingredients of a tiny network, their start, and 64 held-out images."""
-    model = tiny_model()
-    base, ings = make_store(tmp_path_factory.mktemp("store"), 4, scale=0.3, model=model)
-    heldout = random_split(n=64)
-    return model, base, [g.load() for g in ings], (heldout.images, heldout.labels)
 
 
 def test_the_issue_case_stops_the_command_with_one_line_before_the_soup(tiny_run, tmp_path):

@@ -103,21 +103,30 @@ def problems(model: type[Settings], node: Mapping[str, Any], prefix: str) -> lis
     return [found[k] for k in sorted(found, key=lambda k: order.get(k, len(order)))]
 
 
+HYDRA_KEYS = ("_target_", "_partial_")
+
+
 def validated(model: type[S], values: Mapping[str, Any], prefix: str) -> S:
     """`values` as `model`'s settings (its defaults fill what is not given; Hydra's `_target_`/`_partial_` are
     ignored), or a ConfigError with the first problem line and the other keys."""
-    plain = {k: v for k, v in _plain(values).items() if k not in ("_target_", "_partial_")}
-    found = problems(model, plain, prefix)
-    if found:
-        also = f" (also: {', '.join(p.split('=', 1)[0] for p in found[1:])})" if len(found) > 1 else ""
-        raise ConfigError(found[0] + also)
+    plain = settings_values(values)
+    raise_problems(problems(model, plain, prefix))
     return model.model_validate(plain)
 
 
-def _plain(node: Mapping[str, Any]) -> dict[str, Any]:
+def settings_values(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A config node's settings as plain Python values, without Hydra's keys."""
     from omegaconf import DictConfig, OmegaConf
 
-    return dict(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node)
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return {k: v for k, v in plain.items() if k not in HYDRA_KEYS}
+
+
+def raise_problems(found: Sequence[str]) -> None:
+    """Problem lines as one ConfigError: the first line, then ` (also: <key>, <key>)` naming the others."""
+    if found:
+        also = f" (also: {', '.join(p.split('=', 1)[0] for p in found[1:])})" if len(found) > 1 else ""
+        raise ConfigError(found[0] + also)
 
 
 def describe(annotation: Any, metadata: Sequence[Any] = ()) -> str:

@@ -9,10 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from soupbench.errors import ConfigError
 from soupbench.runtime import check_device
 from soupbench.settings import backbone, dataset, logger
-from soupbench.settings.base import Settings, problems, show
+from soupbench.settings.base import Settings, problems, raise_problems, show
 from soupbench.settings.finetune import Finetune
 from soupbench.settings.run import GROUPS, Run
 
@@ -26,10 +25,7 @@ def validate(cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Every setting (machine-independent: a sweep's launcher checks this before any job). Several problems
     are one line: the first, then the other keys."""
-    found = config_problems(cfg)
-    if found:
-        also = f" (also: {', '.join(p.split('=', 1)[0] for p in found[1:])})" if len(found) > 1 else ""
-        raise ConfigError(found[0] + also)
+    raise_problems(config_problems(cfg))
 
 
 def config_problems(cfg: DictConfig | Mapping[str, Any]) -> list[str]:

@@ -18,11 +18,9 @@ from typing import Any
 from pydantic import ConfigDict, create_model
 
 from soupbench.errors import ConfigError
-from soupbench.settings.base import Settings, problems
+from soupbench.settings.base import Settings, problems, settings_values
 from soupbench.settings.choices import SoupDistributed
 from soupbench.soups.context import Declaration
-
-HYDRA_KEYS = ("_target_", "_partial_")
 
 
 @dataclass(frozen=True)
@@ -84,16 +82,7 @@ def settings_problems(name: str, node: Mapping[str, Any]) -> list[str]:
         m = method_of(name, node)
     except ConfigError as e:
         return [f"soup.{name}: {e}"]
-    return problems(m.settings, plain(node), f"soup.{name}")
-
-
-def plain(node: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a soup's node without Hydra's keys, as plain Python values."""
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    return {k: v for k, v in node.items() if k not in HYDRA_KEYS}
+    return problems(m.settings, settings_values(node), f"soup.{name}")
 
 
 # ---------------------------------------------------------------------------------------------- lookups
